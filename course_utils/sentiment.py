@@ -1,0 +1,156 @@
+"""The offline preference dataset: controlled sentiment, after Section 6.1 of the DPO paper.
+
+The paper prompts GPT-2 with IMDb review prefixes, samples completions, and uses a
+sentiment classifier as the ground-truth reward. Here, offline and on a CPU:
+
+* prompts: a few hundred movie-review openings written for this course
+  (``assets/review_openings.txt``), wrapped in a chat instruction;
+* completions: sampled from SmolLM2-135M-Instruct, the reference policy;
+* ground truth: VADER's compound sentiment score in [-1, 1] (the ``vaderSentiment``
+  package ships its lexicon); per prompt, the most positive sample becomes ``chosen``
+  and the least positive ``rejected``;
+* a held-out split of openings that training never sees; the same judge scores the
+  trained policy on them later.
+
+Everything is deterministic for a seed and cached on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from .models import cache_dir
+
+INSTRUCTION = "Continue this movie review with one or two sentences.\n\n{opening}"
+GENERATOR_MODEL = "smollm2-135m"  # pairs always come from the real model, whatever is trained
+_DATA_VERSION = 1  # bump when the recipe changes, to invalidate caches
+
+
+def load_openings() -> list[str]:
+    """The course's movie-review openings, one string each."""
+    text = resources.files("course_utils").joinpath("assets/review_openings.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def split_openings(num_train: int, num_eval: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Deterministic disjoint (train, held_out) openings; held-out never overlaps train."""
+    openings = load_openings()
+    if num_train + num_eval > len(openings):
+        raise ValueError(f"Asked for {num_train}+{num_eval} openings; only {len(openings)} exist.")
+    order = list(range(len(openings)))
+    random.Random(seed).shuffle(order)
+    held_out = [openings[i] for i in order[:num_eval]]
+    train = [openings[i] for i in order[num_eval : num_eval + num_train]]
+    return train, held_out
+
+
+def sentiment_prompt(opening: str) -> list[dict]:
+    """The chat prompt for one opening (conversational format, one user turn)."""
+    return [{"role": "user", "content": INSTRUCTION.format(opening=opening)}]
+
+
+class SentimentJudge:
+    """Ground-truth reward: VADER compound sentiment in [-1, 1] (higher = more positive)."""
+
+    def __init__(self):
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self._analyzer = SentimentIntensityAnalyzer()
+
+    def __call__(self, texts: list[str]) -> list[float]:
+        return [self._analyzer.polarity_scores(t)["compound"] for t in texts]
+
+
+@dataclass
+class PairReport:
+    """What happened to every prompt: paired, or skipped and why (nothing silently lost)."""
+
+    paired: int
+    skipped: list[dict]
+
+    def summary(self) -> str:
+        return f"{self.paired} pairs made; {len(self.skipped)} prompts skipped (best-worst sentiment gap too small)"
+
+
+def rank_into_pairs(openings, samples, scores, min_margin: float = 0.1):
+    """Turn scored samples into preference rows: best sample chosen, worst rejected.
+
+    A prompt whose best and worst scores differ by less than ``min_margin`` carries no
+    clear preference and is skipped, and listed in the report.
+    """
+    rows, skipped = [], []
+    for i, (opening, texts, s) in enumerate(zip(openings, samples, scores, strict=True)):
+        best = max(range(len(s)), key=lambda j: (s[j], -j))
+        worst = min(range(len(s)), key=lambda j: (s[j], j))
+        if s[best] - s[worst] < min_margin or texts[best].strip() == texts[worst].strip():
+            skipped.append({"index": i, "opening": opening, "scores": s})
+            continue
+        rows.append(
+            {
+                "prompt": sentiment_prompt(opening),
+                "chosen": [{"role": "assistant", "content": texts[best]}],
+                "rejected": [{"role": "assistant", "content": texts[worst]}],
+                "chosen_score": s[best],
+                "rejected_score": s[worst],
+                "opening": opening,
+            }
+        )
+    return rows, PairReport(paired=len(rows), skipped=skipped)
+
+
+def _cache_path(openings, samples_per_prompt, max_new_tokens, seed) -> Path:
+    key = json.dumps([_DATA_VERSION, GENERATOR_MODEL, openings, samples_per_prompt, max_new_tokens, seed])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = cache_dir() / "sentiment" / f"pairs-{digest}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def make_pairs(openings, *, samples_per_prompt=4, max_new_tokens=40, seed=0, min_margin=0.1,
+               generator=None, batch_size=32, use_cache=True):
+    """Sample, score and rank completions for ``openings``; returns ``(rows, PairReport)``.
+
+    ``generator`` is ``(model, tokenizer)``; SmolLM2 is loaded when omitted. Cached
+    on disk by the recipe's parameters, so a second call returns instantly.
+    """
+    path = _cache_path(openings, samples_per_prompt, max_new_tokens, seed)
+    if use_cache and path.is_file():
+        record = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        samples, scores = [r["samples"] for r in record], [r["scores"] for r in record]
+    else:
+        from .generation import sample_completions
+        from .models import load_model
+
+        model, tokenizer = generator or load_model(GENERATOR_MODEL)
+        samples = sample_completions(
+            model, tokenizer, [sentiment_prompt(o) for o in openings], num_samples=samples_per_prompt,
+            max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, desc="Sampling preference pairs",
+        )
+        judge = SentimentJudge()
+        scores = [judge(s) for s in samples]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps({"opening": o, "samples": s, "scores": c}) + "\n"
+                               for o, s, c in zip(openings, samples, scores)), encoding="utf-8")
+        tmp.replace(path)
+    return rank_into_pairs(openings, samples, scores, min_margin=min_margin)
+
+
+def sentiment_dataset(preset, generator=None, use_cache=True):
+    """Train and held-out preference datasets for a preset, plus the held-out openings.
+
+    Returns ``(datasets.DatasetDict(train=..., test=...), held_out_openings, reports)``.
+    """
+    from datasets import Dataset, DatasetDict
+
+    train_open, eval_open = split_openings(preset.train_prompts, preset.eval_prompts, seed=preset.seed)
+    kwargs = dict(samples_per_prompt=preset.samples_per_prompt, max_new_tokens=preset.max_new_tokens,
+                  seed=preset.seed, generator=generator, use_cache=use_cache)
+    train_rows, train_report = make_pairs(train_open, **kwargs)
+    test_rows, test_report = make_pairs(eval_open, **kwargs)
+    data = DatasetDict(train=Dataset.from_list(train_rows), test=Dataset.from_list(test_rows))
+    return data, eval_open, {"train": train_report, "test": test_report}

@@ -1,0 +1,35 @@
+"""Shared fixtures: the real tokenizer, the tiny model, and the tiny preset's sentiment pairs.
+
+Everything here is offline. The sentiment pairs are sampled once from SmolLM2 (about a
+minute on 2 cores) and cached on disk, so later runs reuse them.
+"""
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from course_utils.models import load_tokenizer
+
+    return load_tokenizer("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_preset():
+    from course_utils.presets import get_preset
+
+    return get_preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs(tiny_preset):
+    """(DatasetDict(train, test), held_out_openings, reports) for the tiny preset."""
+    from course_utils.sentiment import sentiment_dataset
+
+    return sentiment_dataset(tiny_preset)
