@@ -20,10 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from .data import validate_preferences
 from .models import cache_dir
 
 INSTRUCTION = "Continue this movie review with one or two sentences.\n\n{opening}"
@@ -74,7 +76,9 @@ class PairReport:
     skipped: list[dict]
 
     def summary(self) -> str:
-        return f"{self.paired} pairs made; {len(self.skipped)} prompts skipped (best-worst sentiment gap too small)"
+        reasons = Counter(s["reason"] for s in self.skipped)
+        detail = "; ".join(f"{n}: {r}" for r, n in reasons.items())
+        return f"{self.paired} pairs made; {len(self.skipped)} prompts skipped" + (f" ({detail})" if detail else "")
 
 
 def rank_into_pairs(openings, samples, scores, min_margin: float = 0.1):
@@ -85,10 +89,16 @@ def rank_into_pairs(openings, samples, scores, min_margin: float = 0.1):
     """
     rows, skipped = [], []
     for i, (opening, texts, s) in enumerate(zip(openings, samples, scores, strict=True)):
-        best = max(range(len(s)), key=lambda j: (s[j], -j))
-        worst = min(range(len(s)), key=lambda j: (s[j], j))
+        # an empty sample (the model ended its turn at once) is no candidate
+        candidates = [j for j in range(len(texts)) if texts[j].strip()]
+        if len(candidates) < 2:
+            skipped.append({"index": i, "opening": opening, "scores": s, "reason": "fewer than 2 non-empty samples"})
+            continue
+        best = max(candidates, key=lambda j: (s[j], -j))
+        worst = min(candidates, key=lambda j: (s[j], j))
         if s[best] - s[worst] < min_margin or texts[best].strip() == texts[worst].strip():
-            skipped.append({"index": i, "opening": opening, "scores": s})
+            skipped.append({"index": i, "opening": opening, "scores": s,
+                            "reason": f"best-worst sentiment gap below {min_margin}"})
             continue
         rows.append(
             {
@@ -100,6 +110,7 @@ def rank_into_pairs(openings, samples, scores, min_margin: float = 0.1):
                 "opening": opening,
             }
         )
+    validate_preferences(rows, on_error="raise", source="sentiment pairs")  # the schema every loader guarantees
     return rows, PairReport(paired=len(rows), skipped=skipped)
 
 
