@@ -117,8 +117,8 @@ PRESETS: dict[str, Preset] = {
         lora_alpha=32,
         learning_rate=5e-5,
         max_steps=200,
-        train_prompts=1000,
-        eval_prompts=200,
+        train_prompts=296,  # all 360 openings: 296 train + 64 held out (orca pairs: see lesson 3)
+        eval_prompts=64,
         max_new_tokens=256,
         notes="Mistral-7B QLoRA on a 16 GB Colab T4 (about 15 GB usable).",
     ),
@@ -137,8 +137,8 @@ PRESETS: dict[str, Preset] = {
         lora_alpha=32,
         learning_rate=5e-5,
         max_steps=200,
-        train_prompts=1000,
-        eval_prompts=200,
+        train_prompts=296,  # all 360 openings: 296 train + 64 held out (orca pairs: see lesson 3)
+        eval_prompts=64,
         max_new_tokens=256,
         notes="Mistral-7B QLoRA on an A100/H100-class GPU (40 GB or more), bf16 compute.",
     ),
@@ -157,8 +157,8 @@ PRESETS: dict[str, Preset] = {
         lora_alpha=16,
         learning_rate=5e-5,
         max_steps=200,
-        train_prompts=1000,
-        eval_prompts=200,
+        train_prompts=296,  # all 360 openings: 296 train + 64 held out (orca pairs: see lesson 3)
+        eval_prompts=64,
         max_new_tokens=256,
         notes="Another CUDA GPU: conservative lengths and batch; raise them if memory allows.",
     ),

@@ -33,3 +33,28 @@ def tiny_pairs(tiny_preset):
     from course_utils.sentiment import sentiment_dataset
 
     return sentiment_dataset(tiny_preset)
+
+
+@pytest.fixture(scope="session")
+def course_dir(tmp_path_factory):
+    """One OUTPUT_DIR shared by the notebook tests, so later lessons find earlier lessons' adapters."""
+    return tmp_path_factory.mktemp("course")
+
+
+@pytest.fixture(scope="session")
+def run_lesson(course_dir):
+    """Execute lesson ``number`` with papermill on the tiny preset; returns its recorded results."""
+    from course_utils.lessons import execute_lesson, lesson_paths
+
+    def run(number: str, **parameters):
+        path = lesson_paths([number])[0]
+        params = {"PRESET": "tiny", "OUTPUT_DIR": str(course_dir), **parameters}
+        return execute_lesson(path, course_dir, params, html=False)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def lesson_04(run_lesson):
+    """Lesson 4 run once on tiny; lessons 5 and 6 use the adapter it saves."""
+    return run_lesson("04")

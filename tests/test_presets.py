@@ -62,3 +62,12 @@ def test_every_preset_is_a_plain_dataclass_with_sane_fields(name):
     assert p.per_device_batch_size >= 1 and p.gradient_accumulation_steps >= 1
     assert p.lora_alpha >= p.lora_r > 0
     assert p.torch_dtype in (torch.float32, torch.float16, torch.bfloat16)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_fits_the_sentiment_openings(name):
+    from course_utils.sentiment import split_openings
+
+    p = PRESETS[name]
+    train, held_out = split_openings(p.train_prompts, p.eval_prompts, seed=p.seed)
+    assert len(train) == p.train_prompts and len(held_out) == p.eval_prompts
