@@ -1,5 +1,5 @@
 # Two commands set everything up on a fresh Linux machine with Python 3.11+:
-#   make course   create .venv, install, run the course's main job on the CPU default
+#   make course   create .venv, install, execute every lesson notebook on the CPU default
 #   make test     install if needed, run the whole test suite
 PYTHON ?= python3
 VENV   := .venv
@@ -8,11 +8,13 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: install course course-tiny test clean help
+.PHONY: install course course-tiny dpo-job test clean help
 
 help:
-	@echo "make course   - install everything and run the course on the CPU default (SmolLM2-135M-Instruct)"
-	@echo "make test     - install if needed and run all tests"
+	@echo "make course      - install everything and execute all lessons on the CPU default (SmolLM2-135M-Instruct)"
+	@echo "make course-tiny - the same on the tiny random model (minutes)"
+	@echo "make dpo-job     - the end-to-end DPO job without notebooks (data -> train -> evaluate)"
+	@echo "make test        - install if needed and run all tests"
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,11 +29,15 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)
 
+# executed notebooks + HTML in build/course/executed, key numbers in build/course/summary.json
 course: install
-	$(PY) -m course_utils.course --preset cpu --output-dir build
+	$(PY) -m course_utils.lessons --preset cpu --output-dir build/course
 
 course-tiny: install
-	$(PY) -m course_utils.course --preset tiny --output-dir build/tiny
+	$(PY) -m course_utils.lessons --preset tiny --output-dir build/course-tiny
+
+dpo-job: install
+	$(PY) -m course_utils.course --preset cpu --output-dir build
 
 test: install
 	$(PY) -m pytest

@@ -114,8 +114,9 @@ def rank_into_pairs(openings, samples, scores, min_margin: float = 0.1):
     return rows, PairReport(paired=len(rows), skipped=skipped)
 
 
-def _cache_path(openings, samples_per_prompt, max_new_tokens, seed) -> Path:
-    key = json.dumps([_DATA_VERSION, GENERATOR_MODEL, openings, samples_per_prompt, max_new_tokens, seed])
+def _cache_path(openings, samples_per_prompt, max_new_tokens, seed, batch_size) -> Path:
+    # batch_size is part of the recipe: batched sampling draws random numbers in batch order
+    key = json.dumps([_DATA_VERSION, GENERATOR_MODEL, openings, samples_per_prompt, max_new_tokens, seed, batch_size])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = cache_dir() / "sentiment" / f"pairs-{digest}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +130,7 @@ def make_pairs(openings, *, samples_per_prompt=4, max_new_tokens=40, seed=0, min
     ``generator`` is ``(model, tokenizer)``; SmolLM2 is loaded when omitted. Cached
     on disk by the recipe's parameters, so a second call returns instantly.
     """
-    path = _cache_path(openings, samples_per_prompt, max_new_tokens, seed)
+    path = _cache_path(openings, samples_per_prompt, max_new_tokens, seed, batch_size)
     if use_cache and path.is_file():
         record = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
         samples, scores = [r["samples"] for r in record], [r["scores"] for r in record]
