@@ -52,6 +52,34 @@ def execute_lesson(path: Path, output_dir: Path, parameters: dict, html: bool = 
     return {**results, "wall_seconds": round(seconds, 1)}
 
 
+# The numbers a reader of build/course/summary.json looks for first: (lesson, recorded key).
+KEY_NUMBERS = {
+    "reward_model_held_out_accuracy": ("01_rlhf_background", "rm_held_out_accuracy"),
+    "dpo_vs_trl_loss_difference": ("02_dpo_loss_derivation", "batch_loss_diff_trl"),
+    "train_pairs": ("03_preference_data", "train_pairs"),
+    "train_seconds": ("04_dpo_training", "train_seconds"),
+    "seconds_per_step": ("04_dpo_training", "seconds_per_step"),
+    "held_out_reward_accuracy": ("05_evaluation", "held_out_reward_accuracy"),
+    "win_rate": ("05_evaluation", "win_rate"),
+    "win_rate_ci": ("05_evaluation", "win_rate_ci"),
+    "kl": ("05_evaluation", "kl"),
+    "policy_reward": ("05_evaluation", "policy_reward"),
+    "reference_reward": ("05_evaluation", "reference_reward"),
+    "length_controlled_win_rate": ("05_evaluation", "length_controlled_win_rate"),
+    "merge_max_abs_diff": ("06_inference", "merge_max_abs_diff"),
+}
+
+
+def key_numbers(lessons: dict) -> dict:
+    """The headline numbers picked out of every lesson's results (missing ones are left out)."""
+    out = {}
+    for name, (lesson, key) in KEY_NUMBERS.items():
+        if key in lessons.get(lesson, {}):
+            out[name] = lessons[lesson][key]
+    out["minutes_per_lesson"] = {k: round(v["wall_seconds"] / 60, 1) for k, v in lessons.items()}
+    return out
+
+
 def run_lessons(preset: str = "cpu", output_dir: str | Path = "build/course", selected: list[str] | None = None) -> dict:
     output_dir = Path(output_dir).resolve()
     summary = {"preset": preset, "lessons": {}}
@@ -59,8 +87,10 @@ def run_lessons(preset: str = "cpu", output_dir: str | Path = "build/course", se
         print(f"== {path.name} (preset {preset})", flush=True)
         result = execute_lesson(path, output_dir, {"PRESET": preset, "OUTPUT_DIR": str(output_dir)})
         summary["lessons"][path.stem] = result
+        summary["key_numbers"] = key_numbers(summary["lessons"])
         print(f"   done in {result['wall_seconds']:.0f} s", flush=True)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary["key_numbers"], indent=2))
     print(f"Executed notebooks and HTML in {output_dir / 'executed'}; summary in {output_dir / 'summary.json'}")
     return summary
 

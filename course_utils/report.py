@@ -177,9 +177,7 @@ def plot_reward_vs_length(frame: pd.DataFrame, max_new_tokens: int | None = None
         ax.scatter(x, frame[f"{side}_score"], s=14, alpha=0.6, color=COLORS[side],
                    label="DPO policy" if side == "policy" else "reference")
     if max_new_tokens is not None:
-        ax.axvline(max_new_tokens, color="grey", linestyle=":", linewidth=1)
-        ax.annotate("max_new_tokens", (max_new_tokens, -1), fontsize=8, color="grey", rotation=90,
-                    xytext=(-10, 4), textcoords="offset points")
+        ax.axvline(max_new_tokens, color="grey", linestyle=":", linewidth=1, label=f"max_new_tokens = {max_new_tokens}")
     ax.set_xlabel("completion tokens")
     ax.set_ylabel("ground-truth reward")
     ax.set_ylim(-1.05, 1.05)

@@ -9,13 +9,14 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .models import load_model, load_tokenizer, lora_config, resolve_source, tiny_model_dir
+from .models import load_tokenizer, lora_config, resolve_source, tiny_model_dir
 from .presets import Preset
 
 PREFERENCE_COLUMNS = ["prompt", "chosen", "rejected"]
@@ -46,6 +47,12 @@ def reward_accuracy(r_chosen, r_rejected) -> float:
     return float((c > r).mean())
 
 
+def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion ``p`` measured on ``n`` trials (sound near 0 and 1, unlike p +- 2 SE)."""
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, float(centre - half)), min(1.0, float(centre + half))  # clamp float rounding at 0 and 1
+
+
 # --- 2) A reward model with TRL's RewardTrainer ------------------------------------------------
 
 
@@ -58,7 +65,7 @@ def reward_backbone_path(preset: Preset, seed: int = 0) -> str:
 
 
 def load_reward_model(preset: Preset, seed: int = 0, trainable_layers: int | None = None):
-    """``(AutoModelForSequenceClassification with num_labels=1, tokenizer)``; a fresh, random scalar head ``score``.
+    """``(AutoModelForSequenceClassification with num_labels=1, tokenizer)``: the backbone plus a new scalar head ``score``.
 
     ``trainable_layers``: train only the top N decoder layers, the final norm and the head (None: all). Gradients
     then stop at layer N from the top, so a step costs little more than a forward pass.
@@ -67,8 +74,9 @@ def load_reward_model(preset: Preset, seed: int = 0, trainable_layers: int | Non
 
     path = reward_backbone_path(preset, seed)
     tokenizer = load_tokenizer("tiny" if preset.model_name == "tiny" else "smollm2-135m")
-    torch.manual_seed(seed)  # the head is initialised at random: make it repeatable
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    # A zero head: every reward starts at 0, so the first loss is exactly ln 2 (and no random offset to unlearn)
+    torch.nn.init.zeros_(model.score.weight)
     model.config.pad_token_id = tokenizer.pad_token_id  # the reward is read at the last non-pad token
     if trainable_layers is not None:
         layers = model.model.layers
@@ -97,6 +105,7 @@ def reward_config(output_dir, *, steps: int, learning_rate: float, batch_size: i
         use_cpu=not on_gpu,
         activation_checkpointing=False,  # TRL defaults to checkpointing; short sequences do not need it
         logging_steps=max(1, steps // 8),
+        logging_first_step=True,  # step 1 alone: with a zero head its loss is exactly ln 2
         save_strategy="no",  # nothing to resume from in a lesson
         report_to="none",
         seed=seed,
@@ -114,6 +123,7 @@ def train_reward_model(preset: Preset, train, output_dir, *, steps: int, learnin
 
     Returns ``(model, tokenizer, metrics)``; ``metrics`` has the logged loss/accuracy curve and ``seconds``.
     """
+    from transformers import PrinterCallback
     from trl import RewardTrainer
 
     model, tokenizer = load_reward_model(preset, seed=seed, trainable_layers=trainable_layers)
@@ -121,6 +131,7 @@ def train_reward_model(preset: Preset, train, output_dir, *, steps: int, learnin
                          max_length=preset.max_length, seed=seed)
     trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer,
                             train_dataset=train.select_columns(PREFERENCE_COLUMNS))  # explicit prompt, chat format
+    trainer.remove_callback(PrinterCallback)  # the log is returned below instead of printed
     start = time.perf_counter()
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
@@ -154,16 +165,22 @@ def score_completions(model, tokenizer, prompts, completions, batch_size: int = 
 
 def evaluate_reward_model(model, tokenizer, pairs) -> dict:
     """Held-out accuracy (r(chosen) > r(rejected)) and the correlation of r with the judge's scores on all completions."""
+    import pandas as pd
+
     prompts = list(pairs["prompt"])
     text = lambda side: [m[-1]["content"] for m in pairs[side]]
     r_c, r_r = score_completions(model, tokenizer, prompts, text("chosen")), score_completions(model, tokenizer, prompts, text("rejected"))
     rewards = torch.cat([r_c, r_r]).numpy()
     judge = np.asarray(list(pairs["chosen_score"]) + list(pairs["rejected_score"]), float)
-    rank = lambda v: np.argsort(np.argsort(v))
+    rank = lambda v: pd.Series(v).rank().to_numpy()  # ties (many scores are exactly 0) share their average rank
+    accuracy, n = reward_accuracy(r_c, r_r), len(prompts)
     return {
-        "accuracy": reward_accuracy(r_c, r_r),
-        "pearson": float(np.corrcoef(rewards, judge)[0, 1]),
+        "accuracy": accuracy,
+        "accuracy_ci": wilson_interval(accuracy, n),  # 64 pairs: about +-0.12
+        "pearson": float(np.corrcoef(rewards, judge)[0, 1]),  # across prompts: per-prompt offsets count too
         "spearman": float(np.corrcoef(rank(rewards), rank(judge))[0, 1]),
+        "margin_pearson": float(np.corrcoef(rewards[:n] - rewards[n:], judge[:n] - judge[n:])[0, 1]),  # within a prompt
+        "intensity_pearson": float(np.corrcoef(rewards, np.abs(judge))[0, 1]),  # with |score|: strong vs neutral
         "pairs": len(prompts),
         "r_chosen": r_c.tolist(),
         "r_rejected": r_r.tolist(),
@@ -219,8 +236,8 @@ def rloo_config(preset: Preset, output_dir, *, seed: int, learning_rate: float, 
     on_gpu = torch.cuda.is_available()
     kwargs = dict(
         output_dir=str(output_dir),
-        max_steps=steps,
-        learning_rate=learning_rate,
+        max_steps=steps,  # optimiser steps, each on freshly generated samples
+        learning_rate=learning_rate,  # of the LoRA adapter
         lr_scheduler_type="constant",  # a handful of steps: no schedule to speak of
         per_device_train_batch_size=num_generations,  # one prompt's group of samples per step
         num_generations=num_generations,  # samples per prompt; each one's baseline is the mean of the others
@@ -229,11 +246,12 @@ def rloo_config(preset: Preset, output_dir, *, seed: int, learning_rate: float, 
         beta=beta,  # KL coefficient: reward - beta * sum_t log(pi / pi_ref)
         num_iterations=1,  # updates per batch of samples; >1 is where PPO's clip starts to matter
         epsilon=0.2,  # the clip range of the ratio (PPO's epsilon)
+        disable_dropout=True,  # else "old" and "new" log-probs see different dropout masks: ratio != 1, KL noise
         bf16=preset.dtype == "bfloat16" and on_gpu,  # TRL defaults bf16=True; be explicit
         fp16=preset.dtype == "float16" and on_gpu,
         use_cpu=not on_gpu,
-        activation_checkpointing=False,
-        logging_steps=1,
+        activation_checkpointing=False,  # TRL defaults to checkpointing; 24-token completions do not need it
+        logging_steps=1,  # every step's reward and KL, for the table
         save_strategy="no",
         report_to="none",
         seed=seed,  # LoRA init, data order and sampling
@@ -253,28 +271,32 @@ def mean_judge_reward(model, tokenizer, prompts, judge, *, num_samples: int, max
     return float(np.mean(judge([s for group in samples for s in group])))
 
 
-def run_rloo(preset: Preset, train_prompts, eval_prompts, judge, *, seed: int, learning_rate: float, steps: int,
-             output_dir, beta: float | None = None, num_generations: int = 4, max_completion_length: int = 32,
-             eval_samples: int = 2, eval_seed: int = 1234) -> dict:
-    """One RLOO run from the preset's model with a fresh LoRA adapter; returns its numbers.
+def run_rloo(preset: Preset, base, train_prompts, eval_prompts, judge, *, seed: int, learning_rate: float,
+             steps: int, output_dir, beta: float | None = None, num_generations: int = 4,
+             max_completion_length: int = 32, eval_samples: int = 2, eval_seed: int = 1234,
+             config_overrides: dict | None = None, trainer_kwargs: dict | None = None) -> dict:
+    """One RLOO run on a copy of ``base = (model, tokenizer)`` with a fresh LoRA adapter; returns its numbers.
 
-    ``train_prompts``/``eval_prompts``: lists of chat prompts. The final policy is scored on ``eval_prompts`` with
-    the same sampling seed in every run, so runs differ only by what training did.
+    ``train_prompts``/``eval_prompts``: lists of chat prompts. The final policy is scored by ``judge`` on
+    ``eval_prompts`` with the same sampling seed in every run, so runs differ only by what training did.
+    ``config_overrides`` go to ``RLOOConfig``; ``trainer_kwargs`` to ``RLOOTrainer`` (e.g. another ``reward_funcs``).
     """
     from datasets import Dataset
+    from transformers import PrinterCallback
     from trl import RLOOTrainer
 
     start = time.perf_counter()
-    model, tokenizer = load_model(preset.model_name, dtype=preset.dtype, load_in_4bit=preset.load_in_4bit,
-                                  checkpoint=preset.checkpoint, seed=preset.seed,
-                                  device_map="auto" if torch.cuda.is_available() else None)
+    model, tokenizer = copy.deepcopy(base[0]), base[1]  # TRL wraps the model in LoRA in place: never reuse one
     tokenizer.padding_side = "left"  # RLOOTrainer generates; prompts are padded on the left
     args = rloo_config(preset, Path(output_dir) / f"lr{learning_rate:g}-seed{seed}", seed=seed,
                        learning_rate=learning_rate, steps=steps, beta=preset.beta if beta is None else beta,
-                       num_generations=num_generations, max_completion_length=max_completion_length)
-    trainer = RLOOTrainer(model=model, reward_funcs=judge_reward(judge), args=args, processing_class=tokenizer,
-                          train_dataset=Dataset.from_dict({"prompt": list(train_prompts)}),
-                          peft_config=lora_config(preset.lora_r, preset.lora_alpha, preset.lora_dropout))
+                       num_generations=num_generations, max_completion_length=max_completion_length,
+                       **(config_overrides or {}))
+    kwargs = dict(reward_funcs=judge_reward(judge), processing_class=tokenizer,
+                  train_dataset=Dataset.from_dict({"prompt": list(train_prompts)}),
+                  peft_config=lora_config(preset.lora_r, preset.lora_alpha, preset.lora_dropout))
+    trainer = RLOOTrainer(model=model, args=args, **{**kwargs, **(trainer_kwargs or {})})
+    trainer.remove_callback(PrinterCallback)
     trainer.train()
     train_seconds = time.perf_counter() - start
     logs = [h for h in trainer.state.log_history if "reward" in h]
@@ -286,19 +308,19 @@ def run_rloo(preset: Preset, train_prompts, eval_prompts, judge, *, seed: int, l
         "final_reward": final,  # mean judge score on the held-out prompts after training
         "train_rewards": [h["reward"] for h in logs],  # mean judge score of each step's samples
         "kl": [h.get("kl") for h in logs],  # per-token log(pi / pi_ref) of the samples, averaged
-        "clip_ratio": [h.get("clip_ratio/region_mean") for h in logs],
+        "clip_ratio": [h.get("clip_ratio/region_mean") for h in logs],  # fraction of sequences clipped
         "train_seconds": train_seconds,
         "seconds": time.perf_counter() - start,
     }
 
 
-def seed_lr_sweep(preset: Preset, train_prompts, eval_prompts, judge, *, seeds, learning_rates, steps: int,
+def seed_lr_sweep(preset: Preset, base, train_prompts, eval_prompts, judge, *, seeds, learning_rates, steps: int,
                   output_dir, **kwargs) -> list[dict]:
     """``run_rloo`` for every (learning rate, seed); same prompts, same evaluation; a list of run dicts."""
     runs = []
     for lr in learning_rates:
         for seed in seeds:
-            run = run_rloo(preset, train_prompts, eval_prompts, judge, seed=seed, learning_rate=lr, steps=steps,
+            run = run_rloo(preset, base, train_prompts, eval_prompts, judge, seed=seed, learning_rate=lr, steps=steps,
                            output_dir=output_dir, **kwargs)
             print(f"lr={lr:g} seed={seed}: final reward {run['final_reward']:+.3f} ({run['seconds']:.0f} s)", flush=True)
             runs.append(run)
@@ -347,11 +369,14 @@ def plot_reward_vs_judge(evaluation: dict):
 
 
 def plot_sweep(runs: list[dict], reference: float | None = None, noise: list[float] | None = None):
-    """Final reward per learning rate: one point per seed and the mean; the reference and its evaluation noise."""
+    """Final reward per learning rate: a point per seed and the mean; the reference, and its range over ``noise``.
+
+    ``noise``: the reference's score under other evaluation sampling seeds (nothing trained).
+    """
     import matplotlib.pyplot as plt
 
     lrs = sorted({r["learning_rate"] for r in runs})
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
     rng = np.random.default_rng(0)
     for i, lr in enumerate(lrs):
         vals = [r["final_reward"] for r in runs if r["learning_rate"] == lr]
@@ -361,9 +386,10 @@ def plot_sweep(runs: list[dict], reference: float | None = None, noise: list[flo
     if reference is not None:
         ax.axhline(reference, color="tab:red", ls="--", lw=1, label="reference policy")
     if noise:
-        ax.axhspan(min(noise), max(noise), color="tab:red", alpha=0.1, label="reference, other eval seeds")
+        span = [*noise, *([reference] if reference is not None else [])]
+        ax.axhspan(min(span), max(span), color="tab:red", alpha=0.1, label="reference, range over eval seeds")
     ax.set_xticks(range(len(lrs)), [f"lr={lr:g}" for lr in lrs])
     ax.set(ylabel="mean judge reward, held-out prompts", title="RLOO: same recipe, different seeds")
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
