@@ -66,6 +66,23 @@ class Preset:
         return self.per_device_batch_size * self.gradient_accumulation_steps
 
 
+# What every GPU preset shares: Mistral-7B in 4-bit NF4 with LoRA (QLoRA).
+_QLORA_GPU = dict(
+    model_name="mistral-7b",
+    checkpoint=MISTRAL_DEFAULT_CHECKPOINT,
+    load_in_4bit=True,
+    gradient_checkpointing=True,
+    optimizer="paged_adamw_8bit",
+    precompute_ref_log_probs=False,  # reference = same weights, adapter disabled: no second copy
+    lora_r=16,
+    lora_alpha=32,
+    learning_rate=5e-5,
+    max_steps=200,
+    train_prompts=296,  # all 360 openings: 296 train + 64 held out (orca pairs: see lesson 3)
+    eval_prompts=64,
+    max_new_tokens=256,
+)
+
 PRESETS: dict[str, Preset] = {
     "cpu": Preset(
         name="cpu",
@@ -103,64 +120,30 @@ PRESETS: dict[str, Preset] = {
     ),
     "t4": Preset(
         name="t4",
-        model_name="mistral-7b",
-        checkpoint=MISTRAL_DEFAULT_CHECKPOINT,
         dtype="float16",  # Turing has no bf16
-        load_in_4bit=True,
         max_length=1024,
         per_device_batch_size=1,
         gradient_accumulation_steps=8,
-        gradient_checkpointing=True,
-        optimizer="paged_adamw_8bit",
-        precompute_ref_log_probs=False,  # reference = same weights, adapter disabled: no second copy
-        lora_r=16,
-        lora_alpha=32,
-        learning_rate=5e-5,
-        max_steps=200,
-        train_prompts=296,  # all 360 openings: 296 train + 64 held out (orca pairs: see lesson 3)
-        eval_prompts=64,
-        max_new_tokens=256,
         notes="Mistral-7B QLoRA on a 16 GB Colab T4 (about 15 GB usable).",
+        **_QLORA_GPU,
     ),
     "a100": Preset(
         name="a100",
-        model_name="mistral-7b",
-        checkpoint=MISTRAL_DEFAULT_CHECKPOINT,
         dtype="bfloat16",
-        load_in_4bit=True,
         max_length=1536,
         per_device_batch_size=4,
         gradient_accumulation_steps=2,
-        gradient_checkpointing=True,
-        optimizer="paged_adamw_8bit",
-        lora_r=16,
-        lora_alpha=32,
-        learning_rate=5e-5,
-        max_steps=200,
-        train_prompts=296,  # all 360 openings: 296 train + 64 held out (orca pairs: see lesson 3)
-        eval_prompts=64,
-        max_new_tokens=256,
         notes="Mistral-7B QLoRA on an A100/H100-class GPU (40 GB or more), bf16 compute.",
+        **_QLORA_GPU,
     ),
     "cuda": Preset(
         name="cuda",
-        model_name="mistral-7b",
-        checkpoint=MISTRAL_DEFAULT_CHECKPOINT,
-        dtype="float16",
-        load_in_4bit=True,
+        dtype="float16",  # detect_preset switches to bfloat16 on Ampere or newer
         max_length=512,
         per_device_batch_size=1,
         gradient_accumulation_steps=8,
-        gradient_checkpointing=True,
-        optimizer="paged_adamw_8bit",
-        lora_r=8,
-        lora_alpha=16,
-        learning_rate=5e-5,
-        max_steps=200,
-        train_prompts=296,  # all 360 openings: 296 train + 64 held out (orca pairs: see lesson 3)
-        eval_prompts=64,
-        max_new_tokens=256,
         notes="Another CUDA GPU: conservative lengths and batch; raise them if memory allows.",
+        **{**_QLORA_GPU, "lora_r": 8, "lora_alpha": 16},
     ),
 }
 
