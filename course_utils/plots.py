@@ -14,7 +14,8 @@ from typing import Iterable, Mapping
 import numpy as np
 from matplotlib.figure import Figure
 
-LENGTH_KEYS = ("prompt", "chosen", "rejected", "prompt+chosen", "prompt+rejected")
+# Per-row counts come from templates (one implementation behind length_stats and these plots).
+from .templates import LENGTH_KEYS, token_lengths  # noqa: F401 (token_lengths: re-exported)
 
 
 def _margins(margins, span: float = 20.0) -> np.ndarray:
@@ -116,24 +117,6 @@ def plot_toy_fit(ref_probs, target, fits: Mapping[str, object], target_label: st
                title="Distance to the closed-form optimum")
     curves.legend(fontsize=8)
     return fig
-
-
-def token_lengths(dataset: Iterable[dict], tokenizer) -> dict[str, list[int]]:
-    """Per-row token counts, keyed by :data:`LENGTH_KEYS`, counted as TRL's DPOTrainer tokenizes.
-
-    The same counts :func:`course_utils.templates.length_stats` summarises (EOS included, the
-    completion starting where the prompt's and the full sequence's tokens diverge); this keeps
-    every row's value so they can be plotted.
-    """
-    from .templates import tokenize_like_trl
-
-    out: dict[str, list[int]] = {key: [] for key in LENGTH_KEYS}
-    for row in dataset:
-        toks = tokenize_like_trl(row, tokenizer)
-        p, c, r = len(toks.prompt_ids), len(toks.chosen_ids), len(toks.rejected_ids)
-        for key, n in zip(LENGTH_KEYS, (p, c, r, p + c, p + r)):
-            out[key].append(n)
-    return out
 
 
 def fraction_over(lengths: Mapping[str, list[int]], max_length: int) -> float:

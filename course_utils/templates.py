@@ -215,18 +215,30 @@ def _describe(values: list[int]) -> dict[str, float]:
             "p95": float(np.percentile(arr, 95)), "max": int(arr.max())}
 
 
-def length_stats(dataset: Iterable[dict], tokenizer) -> dict[str, dict[str, float]]:
-    """Token lengths (count, mean, median, p95, max) of prompts, completions and whole sequences.
+LENGTH_KEYS = ("prompt", "chosen", "rejected", "prompt+chosen", "prompt+rejected")
 
-    Counted as TRL's DPOTrainer tokenizes (:func:`tokenize_like_trl`, EOS included), so
-    ``stats["prompt+chosen"]["max"]`` is what ``DPOConfig.max_length`` must cover to avoid
-    truncation. ``pandas.DataFrame(stats).T`` shows it as a table.
+
+def token_lengths(dataset: Iterable[dict], tokenizer) -> dict[str, list[int]]:
+    """Per-row token counts, keyed by :data:`LENGTH_KEYS`, counted as TRL's DPOTrainer tokenizes.
+
+    EOS included; the completion starts where the prompt's and the full sequence's tokens
+    diverge (:func:`tokenize_like_trl`). :func:`length_stats` summarises these; the plots use
+    every row's value.
     """
-    keys = ("prompt", "chosen", "rejected", "prompt+chosen", "prompt+rejected")
-    lengths: dict[str, list[int]] = {k: [] for k in keys}
+    out: dict[str, list[int]] = {key: [] for key in LENGTH_KEYS}
     for row in dataset:
         toks = tokenize_like_trl(row, tokenizer)
         p, c, r = len(toks.prompt_ids), len(toks.chosen_ids), len(toks.rejected_ids)
-        for key, n in zip(lengths, (p, c, r, p + c, p + r)):
-            lengths[key].append(n)
-    return {key: _describe(values) for key, values in lengths.items()}
+        for key, n in zip(LENGTH_KEYS, (p, c, r, p + c, p + r)):
+            out[key].append(n)
+    return out
+
+
+def length_stats(dataset: Iterable[dict], tokenizer) -> dict[str, dict[str, float]]:
+    """Token lengths (count, mean, median, p95, max) of prompts, completions and whole sequences.
+
+    Counted as TRL's DPOTrainer tokenizes (:func:`token_lengths`, EOS included), so
+    ``stats["prompt+chosen"]["max"]`` is what ``DPOConfig.max_length`` must cover to avoid
+    truncation. ``pandas.DataFrame(stats).T`` shows it as a table.
+    """
+    return {key: _describe(values) for key, values in token_lengths(dataset, tokenizer).items()}
