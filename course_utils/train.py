@@ -131,6 +131,34 @@ def load_training_data(name: str, preset: Preset, tokenizer):
     return split["train"], split["test"]
 
 
+def parse_overrides(items: list[str]) -> dict:
+    """``["per_device_batch_size=2", "beta=0.5"]`` -> preset overrides, each converted to its field's type."""
+    import dataclasses
+
+    types = {f.name: f.type for f in dataclasses.fields(Preset)}
+    out = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in types:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(types)}")
+        kind = str(types[name])
+        try:
+            if kind.startswith("bool"):
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                out[name] = text.lower() in ("true", "1")
+            elif kind.startswith("int"):
+                out[name] = int(text)
+            elif kind.startswith("float"):
+                out[name] = float(text)
+            else:
+                out[name] = None if text.lower() == "none" and "None" in kind else text
+        except ValueError:
+            raise ValueError(f"--set {item!r}: {text!r} is not a valid {kind} for {name}") from None
+    return out
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description="DPO-train a course model with LoRA/QLoRA.")
     parser.add_argument("--preset", default="auto", help="auto (detect), cpu, tiny, t4, a100, cuda")
@@ -140,10 +168,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--beta", type=float)
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override any preset field, e.g. --set per_device_batch_size=2 (repeatable)")
     args = parser.parse_args(argv)
 
     overrides = {k: v for k, v in dict(max_steps=args.max_steps, beta=args.beta, learning_rate=args.learning_rate,
                                        seed=args.seed).items() if v is not None}
+    try:
+        overrides.update(parse_overrides(args.set))
+    except ValueError as err:
+        parser.error(str(err))
     preset = detect_preset(**overrides) if args.preset == "auto" else get_preset(args.preset, **overrides)
     print(f"Preset {preset.name}: {preset.notes}")
     model, tokenizer = load_model(preset.model_name, dtype=preset.dtype, load_in_4bit=preset.load_in_4bit,
