@@ -350,6 +350,16 @@ def load_preference_file(path: str | Path, on_error: str = "raise"):
     always raise :class:`PreferenceDataError` naming the path.
     """
     _check_on_error(on_error)
+    return _finish(validate_preferences(read_preference_rows(path), on_error, str(path)), str(path))
+
+
+def read_preference_rows(path: str | Path) -> list:
+    """The rows of a preference file, unvalidated, in file order (row ``i`` is element ``i``).
+
+    A row that could not even be parsed (a truncated JSON line) is a
+    :class:`PreferenceDataError` in the list, so :func:`validate_preferences` reports it with
+    the others. Problems with the whole file raise (see :func:`load_preference_file`).
+    """
     path, source = Path(path), str(path)
     suffix = path.suffix.lower()
     if suffix not in (".json", ".jsonl", ".csv", ".parquet"):
@@ -370,7 +380,7 @@ def load_preference_file(path: str | Path, on_error: str = "raise"):
         items = _read_table(data, source, suffix)
     if not items:
         raise PreferenceDataError("file has no rows", source=source, kind="empty_file")
-    return _finish(_validate(items, on_error, source), source)
+    return [row for _, row in items]  # items are numbered 0..n-1 in order
 
 
 def _finish(result: ValidationResult, source: str):
