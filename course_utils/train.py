@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .models import load_model, lora_config
+from .checkpoints import train_with_resume
+from .data import PreferenceDataError
+from .guard import DivergenceGuard
+from .models import ModelLoadError, load_model, lora_config
+from .prepare import ON_LONG, prepare_preferences
 from .presets import Preset, detect_preset, get_preset
-
-PREFERENCE_COLUMNS = ["prompt", "chosen", "rejected"]
-
 
 def dpo_config(preset: Preset, output_dir: str | Path, **overrides):
     """TRL ``DPOConfig`` for a preset. ``overrides`` are DPOConfig fields, applied last."""
@@ -52,6 +54,7 @@ def dpo_config(preset: Preset, output_dir: str | Path, **overrides):
         use_cpu=not on_gpu,
         # --- bookkeeping -------------------------------------------------------
         logging_steps=preset.logging_steps,
+        logging_nan_inf_filter=False,  # log a NaN loss as NaN (the default hides it), so the guard can see it
         report_to=["tensorboard"],
         save_steps=preset.save_steps,
         save_total_limit=2,  # keep the two newest checkpoints
@@ -74,12 +77,23 @@ def build_trainer(
     output_dir: str | Path = "build/dpo",
     callbacks=None,
     peft: bool = True,
+    on_error: str = "raise",
+    on_long: str = "truncate",
+    guard: bool | DivergenceGuard = True,
     **config_overrides,
 ):
     """A ready-to-train ``trl.DPOTrainer`` with LoRA (QLoRA when the model is 4-bit).
 
-    Only the ``prompt``/``chosen``/``rejected`` columns are handed to TRL; extra
-    columns (scores, ids) stay in the caller's dataset.
+    Before TRL sees them, both datasets (a ``datasets.Dataset`` or a list of row dicts) go
+    through :func:`course_utils.prepare.prepare_preferences`: a bad row raises a
+    ``PreferenceDataError`` naming row and field (``on_error="drop"``: dropped and
+    reported), and rows longer than ``max_length`` follow ``on_long`` (see there). Only
+    ``prompt``/``chosen``/``rejected`` reach TRL; the reports are kept in
+    ``trainer.data_reports``.
+
+    ``guard``: True adds a :class:`~course_utils.guard.DivergenceGuard` with its defaults
+    (stops on NaN/inf, diagnoses the other failure signatures); pass your own to configure
+    it, or False for none. It is reachable as ``trainer.guard``.
     """
     from trl import DPOTrainer
 
@@ -89,29 +103,39 @@ def build_trainer(
         # casts norms to fp32 and enables input grads so LoRA on a frozen 4-bit base trains
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=preset.gradient_checkpointing)
 
-    def only_preferences(ds):
-        if ds is None:
-            return None
-        missing = [c for c in PREFERENCE_COLUMNS if c not in ds.column_names]
-        if missing:
-            raise ValueError(f"dataset lacks column(s) {missing}; it has {ds.column_names}")
-        return ds.select_columns(PREFERENCE_COLUMNS)
-
     args = dpo_config(preset, output_dir, **config_overrides)
-    return DPOTrainer(
+    reports = {}
+    for split, ds in (("train", train_dataset), ("eval", eval_dataset)):
+        if ds is not None:
+            reports[split] = prepare_preferences(ds, tokenizer, args.max_length, on_error=on_error, on_long=on_long,
+                                                 source=f"{split}_dataset")
+            print(f"[{split}] {reports[split].summary()}")
+    if guard is True:
+        guard = DivergenceGuard()
+    callbacks = list(callbacks or []) + ([guard] if guard else [])
+    trainer = DPOTrainer(
         model=model,
         ref_model=None,  # LoRA: reference = base weights with the adapter disabled
         args=args,
-        train_dataset=only_preferences(train_dataset),
-        eval_dataset=only_preferences(eval_dataset),
+        train_dataset=reports["train"].dataset,
+        eval_dataset=reports["eval"].dataset if "eval" in reports else None,
         processing_class=tokenizer,
         peft_config=lora_config(preset.lora_r, preset.lora_alpha, preset.lora_dropout) if peft else None,
         callbacks=callbacks,
     )
+    trainer.data_reports, trainer.guard = reports, guard or None
+    return trainer
 
 
-def load_training_data(name: str, preset: Preset, tokenizer):
-    """``(train, test)`` datasets for ``--dataset``: ``sentiment``, a local file, or a hub id."""
+FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+
+
+def load_training_data(name: str, preset: Preset, tokenizer, *, on_error: str = "raise", on_long: str = "truncate"):
+    """``(train, test)`` datasets for ``--dataset``: ``sentiment``, a local file, or a hub id.
+
+    Files and hub data are checked whole, before the split, so a message names the row of
+    the file (or of the hub split) rather than of a shuffled split.
+    """
     from . import data
 
     if name == "sentiment":
@@ -121,12 +145,18 @@ def load_training_data(name: str, preset: Preset, tokenizer):
         for split, report in reports.items():
             print(f"[{split}] {report.summary()}")
         return splits["train"], splits["test"]
-    if Path(name).is_file():
-        dataset = data.load_preference_file(name)
+    if Path(name).suffix.lower() in FILE_SUFFIXES or Path(name).is_file():
+        rows = data.read_preference_rows(name)  # a missing or unreadable path raises, naming it
     elif name.rstrip("/").endswith("orca_dpo_pairs"):
-        dataset = data.load_orca_dpo_pairs(tokenizer, path_or_id=name, limit=preset.train_prompts + preset.eval_prompts)
+        rows = data.load_orca_dpo_pairs(tokenizer, path_or_id=name, limit=preset.train_prompts + preset.eval_prompts,
+                                        on_error=on_error)
     else:
-        dataset = data.load_hub_preferences(name)
+        rows = data.load_hub_preferences(name, on_error=on_error)
+    prepared = prepare_preferences(rows, tokenizer, preset.max_length, on_error=on_error, on_long=on_long, source=name)
+    dataset = prepared.dataset
+    if len(dataset) < 2:
+        raise PreferenceDataError(f"{len(dataset)} usable pair(s): need at least 2 (one to train, one to evaluate)",
+                                  source=name, kind="empty_file")
     split = dataset.train_test_split(test_size=min(preset.eval_prompts, len(dataset) // 5 or 1), seed=preset.seed)
     return split["train"], split["test"]
 
@@ -160,40 +190,69 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def main(argv=None) -> dict:
+    """The command line (see the module docstring); returns the final metrics."""
     parser = argparse.ArgumentParser(description="DPO-train a course model with LoRA/QLoRA.")
     parser.add_argument("--preset", default="auto", help="auto (detect), cpu, tiny, t4, a100, cuda")
     parser.add_argument("--dataset", default="sentiment", help="sentiment, a local .json/.jsonl/.csv/.parquet, or a hub id")
-    parser.add_argument("--output-dir", default="build/dpo")
+    parser.add_argument("--output-dir", default="build/dpo", help="checkpoints, the adapter and metrics.json go here")
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--beta", type=float)
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override any preset field, e.g. --set per_device_batch_size=2 (repeatable)")
+    parser.add_argument("--on-error", choices=["raise", "drop"], default="raise",
+                        help="bad rows: stop at the first (default) or drop and report them all")
+    parser.add_argument("--on-long", choices=ON_LONG, default="truncate",
+                        help="rows longer than max_length: truncate (TRL keep_start, reported), drop or raise")
+    parser.add_argument("--resume", default="auto",
+                        help="auto: continue from the newest complete checkpoint in --output-dir if there is one; "
+                             "never: start fresh; or a checkpoint folder")
+    parser.add_argument("--stop-on", default="non_finite",
+                        help="comma-separated divergence signatures that stop the run, 'all', or 'none' "
+                             "(see course_utils/guard.py)")
     args = parser.parse_args(argv)
 
     overrides = {k: v for k, v in dict(max_steps=args.max_steps, beta=args.beta, learning_rate=args.learning_rate,
                                        seed=args.seed).items() if v is not None}
     try:
         overrides.update(parse_overrides(args.set))
+        stop_on = args.stop_on if args.stop_on == "all" else tuple(x for x in args.stop_on.split(",") if x != "none")
+        guard = DivergenceGuard(stop_on=stop_on)
     except ValueError as err:
         parser.error(str(err))
+    try:
+        return _run(args, overrides, guard)
+    except (PreferenceDataError, ModelLoadError, FileNotFoundError) as err:
+        # A clear one-line message instead of a traceback from deep inside datasets/TRL.
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run(args, overrides: dict, guard: DivergenceGuard) -> dict:
     preset = detect_preset(**overrides) if args.preset == "auto" else get_preset(args.preset, **overrides)
     print(f"Preset {preset.name}: {preset.notes}")
     model, tokenizer = load_model(preset.model_name, dtype=preset.dtype, load_in_4bit=preset.load_in_4bit,
                                   checkpoint=preset.checkpoint, seed=preset.seed,
                                   device_map="auto" if torch.cuda.is_available() else None)
-    train, test = load_training_data(args.dataset, preset, tokenizer)
-    trainer = build_trainer(preset, model, tokenizer, train, test, output_dir=args.output_dir)
+    train, test = load_training_data(args.dataset, preset, tokenizer, on_error=args.on_error, on_long=args.on_long)
+    trainer = build_trainer(preset, model, tokenizer, train, test, output_dir=args.output_dir,
+                            on_error=args.on_error, on_long=args.on_long, guard=guard)
     start = time.perf_counter()
-    trainer.train()
+    resume = {"auto": True, "never": False}.get(args.resume, args.resume)
+    train_with_resume(trainer, resume)
     metrics = trainer.evaluate()
     metrics["train_seconds"] = time.perf_counter() - start
+    metrics["global_step"] = trainer.state.global_step
+    metrics["train_losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    metrics["diagnoses"] = [d.signature for d in guard.diagnoses]
+    print(guard.summary())
     adapter_dir = Path(args.output_dir) / "adapter"
-    trainer.save_model(str(adapter_dir))
-    (Path(args.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(json.dumps(metrics, indent=2))
-    print(f"Adapter saved to {adapter_dir}")
+    trainer.save_model(str(adapter_dir))  # safetensors: adapter_model.safetensors + adapter_config.json
+    if trainer.is_world_process_zero():
+        (Path(args.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        print(json.dumps({k: v for k, v in metrics.items() if k != "train_losses"}, indent=2))
+        print(f"Adapter saved to {adapter_dir}")
     return metrics
 
 
