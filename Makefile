@@ -8,13 +8,14 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: install course course-tiny dpo-job test clean help
+.PHONY: install browser course course-tiny dpo-job test clean help
 
 help:
 	@echo "make course      - install everything and execute all lessons on the CPU default (SmolLM2-135M-Instruct)"
 	@echo "make course-tiny - the same on the tiny random model (minutes)"
 	@echo "make dpo-job     - the end-to-end DPO job without notebooks (data -> train -> evaluate)"
 	@echo "make test        - install if needed and run all tests"
+	@echo "make browser     - install Debian's chromium if missing (the chat-demo test drives it)"
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,13 @@ $(STAMP): requirements.txt pyproject.toml
 
 install: $(STAMP)
 
+# The chat-demo test opens the page in a real headless browser: Debian's chromium, driven by
+# playwright (pip) without playwright's own browser download. Needs apt (Debian/Ubuntu), root or sudo.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
+
 # executed notebooks + HTML in build/course/executed, key numbers in build/course/summary.json
 course: install
 	$(PY) -m course_utils.lessons --preset cpu --output-dir build/course
@@ -39,7 +47,7 @@ course-tiny: install
 dpo-job: install
 	$(PY) -m course_utils.course --preset cpu --output-dir build
 
-test: install
+test: install browser
 	$(PY) -m pytest
 
 clean:

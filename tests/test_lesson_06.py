@@ -1,10 +1,11 @@
-"""Lesson 6 (merge, generate, serve): the notebook on tiny, then the export and chat helpers on their own."""
+"""Lesson 6 (merge, generate, serve): the notebook on tiny, then the export helpers on their own.
+
+The chat page (course_utils/serve.py) has its own end-to-end tests in test_serve.py.
+"""
 
 import json
 import sys
 import types
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,6 @@ from course_utils.models import load_model, lora_config
 
 NOTEBOOK_04 = Path(__file__).resolve().parent.parent / "notebooks" / "04_dpo_training.ipynb"
 PROMPTS = [[{"role": "user", "content": "Continue this movie review: The harbour at dawn"}], "plain, pre-formatted text"]
-NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 must not go through a proxy
 
 
 # --- the notebook -------------------------------------------------------------------------------------------
@@ -54,6 +54,7 @@ def test_notebook_4bit_demo_dequantise_beats_naive_merge(lesson_06):
 def test_notebook_generates_and_serves(lesson_06):
     assert lesson_06["generated_tokens"] > 0
     assert lesson_06["demo_response_received"] is True
+    assert lesson_06["demo_streamed_updates"] > 3  # the Gradio page streamed, token by token
     assert lesson_06["pushed"] is False  # HUB_REPO_ID is None by default: nothing is ever pushed in CI
     assert 0 < lesson_06["seconds"] < 600
 
@@ -204,45 +205,3 @@ def test_push_to_hub_never_prints_the_token(monkeypatch, capsys, tmp_path):
     out = capsys.readouterr()
     assert "hf_do_not_print_789" not in out.out + out.err
 
-
-# --- the chat server ----------------------------------------------------------------------------------------
-
-
-def _post(url, body: bytes, content_type="application/json"):
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
-    with NO_PROXY.open(request, timeout=120) as response:
-        return response.status, json.loads(response.read())
-
-
-def test_chat_server_answers_with_policy_and_reference(random_adapter):
-    from course_utils.chat import start_chat_server
-
-    _, peft_model, tokenizer = random_adapter
-    server = start_chat_server(peft_model, tokenizer, max_new_tokens=4)
-    try:
-        assert server.host == "127.0.0.1" and server._server.server_address[0] == "127.0.0.1"
-        assert server.url == f"http://127.0.0.1:{server.port}/" and server.port > 0
-        with NO_PROXY.open(server.url, timeout=30) as page:
-            assert "<textarea" in page.read().decode()
-        status, answer = _post(server.url + "chat", json.dumps({"prompt": "Hello!"}).encode())
-        assert status == 200 and set(answer) == {"policy", "reference"}
-        assert all(isinstance(v, str) for v in answer.values())
-        for body, content_type, code in [(b'{"prompt": ""}', "application/json", 400),
-                                         (b"not json", "application/json", 400),
-                                         (b'{"prompt": "hi"}', "text/plain", 415)]:
-            with pytest.raises(urllib.error.HTTPError) as err:
-                _post(server.url + "chat", body, content_type)
-            assert err.value.code == code
-    finally:
-        server.stop()
-    assert not server.running
-    with pytest.raises(urllib.error.URLError):
-        NO_PROXY.open(server.url, timeout=5)
-
-
-def test_chat_server_needs_a_reference_for_a_merged_model():
-    from course_utils.chat import start_chat_server
-
-    model, tokenizer = load_model("tiny")
-    with pytest.raises(ValueError, match="reference_model"):
-        start_chat_server(model, tokenizer)
