@@ -4,6 +4,7 @@ The chat page (course_utils/serve.py) has its own end-to-end tests in test_serve
 """
 
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -101,6 +102,63 @@ def test_fp32_merge_equals_peft_and_reloads_with_plain_transformers(random_adapt
     assert {"model.safetensors", "config.json", "README.md", "merge_info.json"} <= files
     assert not any(name.endswith((".bin", ".pt")) for name in files)  # safetensors only, no pickles
     assert json.loads((tmp_path / "merged" / "merge_info.json").read_text())["base_was_4bit"] is False
+
+
+# Runs in a fresh interpreter that cannot import course_utils or peft: the export must need transformers only.
+RELOAD_ONLY_WITH_TRANSFORMERS = r"""
+import json, sys
+for blocked in ("course_utils", "peft"):
+    sys.modules[blocked] = None  # `import` now fails, and importlib.util.find_spec reports it missing
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+folder, out, prompts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+tokenizer = AutoTokenizer.from_pretrained(folder)
+model = AutoModelForCausalLM.from_pretrained(folder).eval()
+texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) if isinstance(p, list) else p
+         for p in prompts]
+batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+with torch.no_grad():
+    torch.save(model(**batch).logits[batch["attention_mask"].bool()], out)  # (real tokens, vocab)
+print(json.dumps({"modules": sorted(m for m, v in sys.modules.items() if v is not None),
+                  "chat_template": bool(tokenizer.chat_template)}))
+"""
+
+
+def test_export_reloads_in_a_fresh_process_with_transformers_only(random_adapter, tmp_path):
+    """The merged folder is a self-contained transformers checkpoint.
+
+    Tolerance 1e-5 on logits: the merged layer computes ``(W + s*B@A) x`` in one matmul, base + adapter
+    computes ``W x + s*B(A x)``; in float32 the two round differently: measured 4.8e-7 at most on tiny,
+    with logits of order 1 (float32 epsilon is 1.2e-7). A merge that lost the update would be off by the
+    adapter's whole effect, measured 0.95 here; the last assert keeps that gap from shrinking unnoticed.
+    """
+    import subprocess
+    import sys
+
+    from course_utils.export import prompt_logits
+
+    adapter_dir, peft_model, tokenizer = random_adapter
+    merge_adapter("tiny", adapter_dir, tmp_path / "merged")
+    files = {p.name for p in (tmp_path / "merged").iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in files)  # no pickled weights
+    template_in_config = "chat_template" in json.loads((tmp_path / "merged" / "tokenizer_config.json").read_text())
+    assert "chat_template.jinja" in files or template_in_config
+
+    result = subprocess.run([sys.executable, "-c", RELOAD_ONLY_WITH_TRANSFORMERS, str(tmp_path / "merged"),
+                             str(tmp_path / "logits.pt"), json.dumps(PROMPTS)],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["chat_template"]
+    assert not [m for m in report["modules"] if m.split(".")[0] in ("course_utils", "peft")]
+    reloaded = torch.load(tmp_path / "logits.pt")
+    expected = prompt_logits(peft_model, tokenizer, PROMPTS)  # base + adapter, in this process
+    assert reloaded.shape == expected.shape
+    assert (reloaded - expected).abs().max().item() < 1e-5
+    with peft_model.disable_adapter():
+        assert (reloaded - prompt_logits(peft_model, tokenizer, PROMPTS)).abs().max().item() > 1e-3
 
 
 def test_4bit_base_dequantise_then_merge(random_adapter, tmp_path):
