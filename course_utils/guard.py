@@ -161,7 +161,7 @@ class DivergenceGuard(TrainerCallback):
 
     def _exploding(self):
         norms = [g for g in self._series("grad_norm") if math.isfinite(g)]
-        if len(norms) < 4:
+        if len(norms) < 3:  # a median needs at least two earlier logs
             return None
         median = statistics.median(norms[:-1])
         if norms[-1] > max(self.grad_floor, self.grad_factor * median):

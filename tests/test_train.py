@@ -28,6 +28,12 @@ def trained(tiny_pairs, tiny_preset, tmp_path_factory):
                 lora_before=lora_before, before=before)
 
 
+def test_divergence_guard_is_on_and_quiet(trained):
+    guard = trained["trainer"].guard  # build_trainer adds one by default
+    assert guard is not None and len(guard.history) == trained["preset"].max_steps
+    assert guard.diagnoses == []
+
+
 def test_first_step_loss_is_ln2(trained):
     """LoRA's B starts at zero, so at step 1 policy == reference and -log sigma(0) = ln 2."""
     first = trained["trainer"].state.log_history[0]
