@@ -153,6 +153,7 @@ def load_training_data(name: str, preset: Preset, tokenizer, *, on_error: str = 
     else:
         rows = data.load_hub_preferences(name, on_error=on_error)
     prepared = prepare_preferences(rows, tokenizer, preset.max_length, on_error=on_error, on_long=on_long, source=name)
+    print(f"[data] {prepared.summary()}")
     dataset = prepared.dataset
     if len(dataset) < 2:
         raise PreferenceDataError(f"{len(dataset)} usable pair(s): need at least 2 (one to train, one to evaluate)",
