@@ -151,7 +151,7 @@ def load_tokenizer(name: str = "smollm2-135m", source: str = "auto"):
     from transformers import AutoTokenizer
 
     path = resolve_source("smollm2-135m" if name == "tiny" else name, source)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not tokenizer.chat_template:
@@ -227,6 +227,28 @@ def lora_config(r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modu
     )
 
 
+# Loading a checkpoint must never run code from it: no custom modelling code from the hub
+# (trust_remote_code) and no pickle files (.bin weights can execute code when unpickled).
+SAFE_LOADING = dict(trust_remote_code=False, use_safetensors=True)
+
+
+def _explain_load_error(path: str, err: Exception) -> str:
+    """A reason a learner can act on, for the common ways a local model folder is unusable."""
+    folder = Path(path)
+    if folder.is_dir():
+        names = {p.name for p in folder.iterdir()}
+        if not any(n.endswith(".safetensors") for n in names) and any(n.endswith((".bin", ".pt", ".pth")) for n in names):
+            return ("it holds only pickle weights (.bin/.pt), and the course loads safetensors only, because "
+                    "unpickling can run arbitrary code. Re-save it with model.save_pretrained(folder) "
+                    "(safetensors is the default) from a source you trust")
+        if "config.json" not in names:
+            return f"there is no config.json in it (found: {', '.join(sorted(names)) or 'nothing'})"
+    if "trust_remote_code" in str(err):
+        return ("it needs custom code shipped with the checkpoint (trust_remote_code=True), which the course never "
+                "runs; use a model whose architecture transformers supports natively")
+    return str(err)
+
+
 def _to_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -275,13 +297,12 @@ def load_model(
         kwargs["quantization_config"] = bnb_4bit_config(dtype)
         kwargs["dtype"] = dtype
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as err:
-        raise ModelLoadError(
-            f"Could not load model {name!r} from {path!r}: {err}. Offline? Use 'smollm2-135m' or 'tiny', "
-            "or pass a local directory."
-        ) from err
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(path, **SAFE_LOADING, **kwargs)
+    except (OSError, ValueError) as err:
+        hint = "" if Path(path).is_dir() else " Offline? Use 'smollm2-135m' or 'tiny', or pass a local directory."
+        raise ModelLoadError(f"Could not load model {name!r} from {path!r}: {_explain_load_error(path, err)}.{hint}") \
+            from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

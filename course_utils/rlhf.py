@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models import load_tokenizer, lora_config, resolve_source, tiny_model_dir
+from .models import SAFE_LOADING, load_tokenizer, lora_config, resolve_source, tiny_model_dir
 from .presets import Preset
 
 PREFERENCE_COLUMNS = ["prompt", "chosen", "rejected"]
@@ -74,7 +74,8 @@ def load_reward_model(preset: Preset, seed: int = 0, trainable_layers: int | Non
 
     path = reward_backbone_path(preset, seed)
     tokenizer = load_tokenizer("tiny" if preset.model_name == "tiny" else "smollm2-135m")
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32,
+                                                               **SAFE_LOADING)
     # A zero head: every reward starts at 0, so the first loss is exactly ln 2 (and no random offset to unlearn)
     torch.nn.init.zeros_(model.score.weight)
     model.config.pad_token_id = tokenizer.pad_token_id  # the reward is read at the last non-pad token

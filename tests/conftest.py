@@ -12,6 +12,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+# A fake Hub token in the environment for the whole session, as a learner with HF_TOKEN set would
+# have it: test_safety.py scans every executed notebook for it (nothing may print a token).
+FAKE_HF_TOKEN = "hf_FAKEcourseTESTtoken0123456789abcdefXYZ"
+os.environ["HF_TOKEN"] = FAKE_HF_TOKEN
+
 
 @pytest.fixture(scope="session")
 def tokenizer():
