@@ -72,12 +72,18 @@ def train_with_resume(trainer, resume: bool | str | Path = True):
     """``trainer.train()``, continuing from the newest complete checkpoint in its output_dir.
 
     Args:
-        resume: True: resume if a checkpoint exists (else start fresh); False: always start
-            fresh (existing checkpoints are left in place and will be rotated away); a path:
-            resume from exactly that checkpoint.
+        resume: True: resume from the newest complete checkpoint of an *unfinished* run
+            (one saved before ``max_steps``); a finished run is not resumed (re-running a
+            finished lesson trains again, it does not return at once). False: always start
+            fresh (old checkpoints are overwritten or rotated away). A path: resume from
+            exactly that checkpoint.
     """
     if resume is True:
         found = latest_checkpoint(trainer.args.output_dir)
+        if found is not None and checkpoint_step(found) >= trainer.args.max_steps:
+            print(f"{found.name} is the end of a finished run ({trainer.args.max_steps} steps): starting fresh. "
+                  "Pass its path to resume it anyway.")
+            found = None
     elif resume:
         found = Path(resume)
         if not (found / COMPLETE_MARKER).is_file():
@@ -86,7 +92,12 @@ def train_with_resume(trainer, resume: bool | str | Path = True):
     else:
         found = None
     if found is not None:
-        step = json.loads((found / COMPLETE_MARKER).read_text()).get("global_step", "?")
-        print(f"Resuming from {found} (step {step} of {trainer.args.max_steps}).")
+        print(f"Resuming from {found} (step {checkpoint_step(found)} of {trainer.args.max_steps}).")
+    trainer.resumed_from = found  # so a caller can tell how many steps this session trained
     return trainer.train(resume_from_checkpoint=str(found) if found else None)
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The global step a complete checkpoint was saved at."""
+    return int(json.loads((checkpoint / COMPLETE_MARKER).read_text())["global_step"])
 

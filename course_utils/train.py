@@ -245,6 +245,7 @@ def _run(args, overrides: dict, guard: DivergenceGuard) -> dict:
     metrics = trainer.evaluate()
     metrics["train_seconds"] = time.perf_counter() - start
     metrics["global_step"] = trainer.state.global_step
+    metrics["output_dir"] = str(args.output_dir)
     metrics["train_losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     metrics["diagnoses"] = [d.signature for d in guard.diagnoses]
     print(guard.summary())

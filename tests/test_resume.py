@@ -89,6 +89,17 @@ def test_resume_from_an_explicit_path_must_be_complete(tmp_path):
         train_with_resume(Trainer(), tmp_path / "checkpoint-3")
 
 
+def test_a_finished_run_is_not_resumed(uninterrupted, capsys, tmp_path):
+    """Re-running a finished lesson trains again (in a copy of the finished run's folder)."""
+    finished = Path(uninterrupted["output_dir"])
+    copy = tmp_path / "again"
+    shutil.copytree(finished, copy)
+    capsys.readouterr()
+    again = main(ARGS + ["--output-dir", str(copy)])
+    assert f"checkpoint-{STEPS} is the end of a finished run" in capsys.readouterr().out
+    _close(uninterrupted, again)
+
+
 def test_checkpoints_go_to_drive_when_mounted(tmp_path):
     drive = tmp_path / "MyDrive"
     assert checkpoint_dir("dpo", tmp_path / "local", drive_root=drive) == tmp_path / "local"
