@@ -43,6 +43,11 @@ def test_lesson_04_learned_its_training_pairs(lesson_04):
     assert 0.0 <= lesson_04["last_reward_accuracy"] <= 1.0
 
 
+def test_lesson_04_fresh_run_with_a_quiet_guard(lesson_04):
+    assert lesson_04["resumed_from_step"] == 0  # a fresh OUTPUT_DIR: nothing to resume
+    assert lesson_04["guard_diagnoses"] == []  # the healthy tiny run raises no alarm
+
+
 def test_lesson_04_timings_and_adapter(lesson_04, course_dir):
     assert lesson_04["train_seconds"] > 0 and lesson_04["seconds_per_step"] > 0 and lesson_04["pairs_per_second"] > 0
     assert lesson_04["trainable_params"] < lesson_04["total_params"]
