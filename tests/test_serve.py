@@ -44,9 +44,9 @@ def adapter_dir(tmp_path_factory):
     from peft import get_peft_model
 
     model, _ = load_model("tiny", seed=0)
-    peft_model = get_peft_model(model, lora_config(r=8, alpha=16, dropout=0.0))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
+    with torch.random.fork_rng(devices=[]):  # A's init draws from the global RNG too: seed it, or the
+        torch.manual_seed(1)                 # adapter (and its greedy replies) depend on the tests run before
+        peft_model = get_peft_model(model, lora_config(r=8, alpha=16, dropout=0.0))
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.data.normal_(0.0, 0.05)
