@@ -23,6 +23,7 @@ from .evaluate import evaluate_against_reference, implicit_reward_accuracy
 from .models import load_model
 from .presets import get_preset
 from .sentiment import SentimentJudge, sentiment_dataset, sentiment_prompt
+from .checkpoints import train_with_resume
 from .train import build_trainer
 
 
@@ -53,7 +54,7 @@ def run_course(preset_name: str = "cpu", output_dir: str | Path = "build", **ove
                             output_dir=output_dir / "dpo")  # includes the one reference pass
     timings["setup_seconds"] = time.perf_counter() - t
     t = time.perf_counter()
-    trainer.train()
+    train_with_resume(trainer)  # a rerun after an interruption continues from the newest checkpoint
     timings["train_seconds"] = time.perf_counter() - t
     trainer.save_model(str(output_dir / "dpo" / "adapter"))
     policy = trainer.model
@@ -74,6 +75,8 @@ def run_course(preset_name: str = "cpu", output_dir: str | Path = "build", **ove
         "held_out_pairs": len(splits["test"]),
         "held_out_prompts": len(held_out),
         "steps": trainer.state.global_step,
+        "resumed_from": str(trainer.resumed_from) if trainer.resumed_from else None,
+        "guard_diagnoses": [d.signature for d in trainer.guard.diagnoses],
         "first_loss": history[0]["loss"] if history else None,
         "last_loss": history[-1]["loss"] if history else None,
         # TRL's metrics on the last logged training batches (the full train set would cost minutes more)
