@@ -53,8 +53,9 @@ class PreferenceDataError(ValueError):
 
     ``kind`` is a short code for the problem, which :class:`DropReport` counts by. Rows:
     not_a_dict, missing_field, null, wrong_type, undecodable, empty_text, bad_message,
-    mixed_format, identical, format_mismatch, invalid_json. Files: unreadable, empty_file,
-    missing_column.
+    mixed_format, identical, format_mismatch, invalid_json; and, from the length rule of
+    :mod:`course_utils.prepare`, too_long, identical_after_truncation, truncated. Files:
+    unreadable, empty_file, missing_column.
     """
 
     def __init__(self, reason: str, *, source: str | None = None, row: int | None = None,

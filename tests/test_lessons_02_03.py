@@ -96,6 +96,8 @@ def test_lesson_03_lengths_and_split(lesson_03):
     assert 0.0 <= r["fraction_over_max_length"] <= 1.0
     assert (r["fraction_over_max_length"] > 0) == (r["max_sequence_tokens"] > r["max_length"])
     assert r["overlap_openings"] == 0
+    # at the median prompt+chosen length, roughly half the pairs are cut; each is counted, none vanishes
+    assert r["prepare_truncated_at_median_length"] + r["prepare_dropped_at_median_length"] >= 1
     assert r["wall_seconds"] < 120  # budget 60 s
 
 
