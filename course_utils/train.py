@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -230,12 +231,30 @@ def main(argv=None) -> dict:
         raise SystemExit(2) from None
 
 
+def device_map_for(env=None, cuda: bool | None = None):
+    """Where ``from_pretrained`` puts the model, for how this process was launched.
+
+    One process on a GPU: ``"auto"``. Several processes (``accelerate launch``, torchrun):
+    under DDP each process holds a whole copy on its own GPU, ``{"": LOCAL_RANK}`` ("auto"
+    would spread every copy over all GPUs, which DDP cannot wrap); under FSDP or DeepSpeed
+    ``None``, because the launcher places and shards the model. On CPU: ``None``.
+    """
+    env = os.environ if env is None else env
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if not cuda:
+        return None
+    if int(env.get("WORLD_SIZE", "1")) <= 1:
+        return "auto"
+    if env.get("ACCELERATE_USE_FSDP") == "true" or env.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        return None
+    return {"": int(env.get("LOCAL_RANK", "0"))}
+
+
 def _run(args, overrides: dict, guard: DivergenceGuard) -> dict:
     preset = detect_preset(**overrides) if args.preset == "auto" else get_preset(args.preset, **overrides)
     print(f"Preset {preset.name}: {preset.notes}")
     model, tokenizer = load_model(preset.model_name, dtype=preset.dtype, load_in_4bit=preset.load_in_4bit,
-                                  checkpoint=preset.checkpoint, seed=preset.seed,
-                                  device_map="auto" if torch.cuda.is_available() else None)
+                                  checkpoint=preset.checkpoint, seed=preset.seed, device_map=device_map_for())
     train, test = load_training_data(args.dataset, preset, tokenizer, on_error=args.on_error, on_long=args.on_long)
     trainer = build_trainer(preset, model, tokenizer, train, test, output_dir=args.output_dir,
                             on_error=args.on_error, on_long=args.on_long, guard=guard)

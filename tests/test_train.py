@@ -8,7 +8,7 @@ import torch
 
 from course_utils.evaluate import implicit_reward_accuracy
 from course_utils.models import load_model
-from course_utils.train import build_trainer, main
+from course_utils.train import build_trainer, device_map_for, main
 
 
 def _snapshot(model, key):
@@ -115,3 +115,16 @@ def test_bad_dataset_columns_are_named(tiny_preset, tmp_path):
     with pytest.raises(ValueError, match="chosen"):
         build_trainer(tiny_preset, model, tokenizer, Dataset.from_list([{"prompt": "a", "choosen": "b", "rejected": "c"}]),
                       output_dir=tmp_path)
+
+
+@pytest.mark.parametrize("env, cuda, expected", [
+    ({}, False, None),  # CPU: no device map
+    ({}, True, "auto"),  # one process on a GPU
+    ({"WORLD_SIZE": "1"}, True, "auto"),
+    ({"WORLD_SIZE": "4", "LOCAL_RANK": "2"}, True, {"": 2}),  # DDP: a whole copy on this process's GPU
+    ({"WORLD_SIZE": "4", "LOCAL_RANK": "2", "ACCELERATE_USE_FSDP": "true"}, True, None),  # the launcher shards
+    ({"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true"}, True, None),
+    ({"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, False, None),  # CPU DDP (gloo), as tests/test_accelerate.py runs
+])
+def test_device_map_for_each_launch(env, cuda, expected):
+    assert device_map_for(env, cuda) == expected
