@@ -24,7 +24,7 @@ from .models import load_model
 from .presets import get_preset
 from .sentiment import SentimentJudge, sentiment_dataset, sentiment_prompt
 from .checkpoints import train_with_resume
-from .train import build_trainer
+from .train import build_trainer, save_adapter
 
 
 def machine_description() -> str:
@@ -56,7 +56,7 @@ def run_course(preset_name: str = "cpu", output_dir: str | Path = "build", **ove
     t = time.perf_counter()
     train_with_resume(trainer)  # a rerun after an interruption continues from the newest checkpoint
     timings["train_seconds"] = time.perf_counter() - t
-    trainer.save_model(str(output_dir / "dpo" / "adapter"))
+    save_adapter(trainer, output_dir / "dpo" / "adapter")
     policy = trainer.model
     history = [h for h in trainer.state.log_history if "loss" in h]
 

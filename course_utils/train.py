@@ -231,6 +231,21 @@ def main(argv=None) -> dict:
         raise SystemExit(2) from None
 
 
+def save_adapter(trainer, directory: str | Path) -> Path:
+    """Save the trained adapter for sharing: safetensors weights, adapter config, tokenizer, and no pickle.
+
+    ``Trainer.save_model`` also writes ``training_args.bin``, a pickled ``TrainingArguments``;
+    unpickling can run code, so the shared folder gets ``training_args.json`` instead (the
+    checkpoints, which only this run reads back, keep theirs for resuming).
+    """
+    directory = Path(directory)
+    trainer.save_model(str(directory))
+    if trainer.is_world_process_zero():
+        (directory / "training_args.bin").unlink(missing_ok=True)
+        (directory / "training_args.json").write_text(trainer.args.to_json_string())
+    return directory
+
+
 def device_map_for(env=None, cuda: bool | None = None):
     """Where ``from_pretrained`` puts the model, for how this process was launched.
 
@@ -269,7 +284,7 @@ def _run(args, overrides: dict, guard: DivergenceGuard) -> dict:
     metrics["diagnoses"] = [d.signature for d in guard.diagnoses]
     print(guard.summary())
     adapter_dir = Path(args.output_dir) / "adapter"
-    trainer.save_model(str(adapter_dir))  # safetensors: adapter_model.safetensors + adapter_config.json
+    save_adapter(trainer, adapter_dir)  # adapter_model.safetensors + adapter_config.json, no pickle
     if trainer.is_world_process_zero():
         (Path(args.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
         print(json.dumps({k: v for k, v in metrics.items() if k != "train_losses"}, indent=2))

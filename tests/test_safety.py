@@ -58,9 +58,11 @@ def test_folder_without_config_is_named(tmp_path):
         load_model(str(tmp_path / "empty"))
 
 
-def test_trained_adapter_is_safetensors(lesson_04, course_dir):
+def test_trained_adapter_holds_no_pickle(lesson_04, course_dir):
+    """Lesson 4's adapter folder: safetensors weights, the training arguments as JSON, no pickle of any kind."""
     names = {p.name for p in (course_dir / "dpo" / "adapter").iterdir()}
-    assert "adapter_model.safetensors" in names and not any(n.endswith((".bin", ".pt", ".pth")) for n in names)
+    assert {"adapter_model.safetensors", "adapter_config.json", "training_args.json"} <= names
+    assert not any(n.endswith((".bin", ".pt", ".pth", ".pkl")) for n in names), sorted(names)
 
 
 def test_no_token_in_any_executed_notebook(lesson_04, course_dir):
