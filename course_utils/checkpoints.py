@@ -12,7 +12,7 @@ when it is mounted, so the folders outlive the runtime) and resumes from the new
 
 ``resume_from_checkpoint`` restores the RNG states and skips the batches already seen,
 so a resumed run with the same seed ends where an uninterrupted one would (tested:
-``tests/test_reliability_train.py``).
+``tests/test_resume.py``).
 """
 
 from __future__ import annotations

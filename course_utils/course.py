@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
+from .checkpoints import train_with_resume
 from .evaluate import evaluate_against_reference, implicit_reward_accuracy
 from .models import load_model
 from .presets import get_preset
 from .sentiment import SentimentJudge, sentiment_dataset, sentiment_prompt
-from .checkpoints import train_with_resume
 from .train import build_trainer, save_adapter
 
 

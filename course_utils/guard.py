@@ -111,7 +111,6 @@ class DivergenceGuard(TrainerCallback):
         if unknown:
             raise ValueError(f"unknown signature(s) {sorted(unknown)}; choose from {SIGNATURES} or 'all'")
         self.stop_on = stops
-        self._saturated_at = None
         self._pairs_per_step = 1
         self._max_steps = 0
 
@@ -188,34 +187,38 @@ class DivergenceGuard(TrainerCallback):
         w = self.window
         if len(acc) < w or len(margins) < w:
             return None
-        if self._saturated_at is None and statistics.fmean(acc[-w:]) >= self.saturated:
-            self._saturated_at = self.history[-1]["step"]
-        early = self._saturated_at is not None and self._saturated_at <= self.early_fraction * max(self._max_steps, 1)
+        saturated_at = self._saturated_at()
+        early = saturated_at is not None and saturated_at <= self.early_fraction * max(self._max_steps, 1)
         recent = margins[-w:]
         rising = all(b > a for a, b in zip(recent, recent[1:]))
         if early and rising and recent[-1] > self.margin_limit:
             return self._diagnosis("margin_blowup",
-                                   f"reward accuracy saturated by step {self._saturated_at} of {self._max_steps} and "
+                                   f"reward accuracy saturated by step {saturated_at} of {self._max_steps} and "
                                    f"the reward margin keeps rising: {', '.join(f'{m:.2f}' for m in recent)} "
                                    f"(limit {self.margin_limit})")
+
+    def _saturated_at(self) -> int | None:
+        """The step at which the mean accuracy over ``window`` logs first reached ``saturated``."""
+        logs = [h for h in self.history if "rewards/accuracies" in h]
+        for i in range(self.window - 1, len(logs)):
+            if statistics.fmean(h["rewards/accuracies"] for h in logs[i - self.window + 1:i + 1]) >= self.saturated:
+                return logs[i]["step"]
+        return None
 
     def _chance(self):
         if not self._max_steps:
             return None
         start = self.chance_after * self._max_steps
-        recent = [h for h in self.history if h["step"] > start and "rewards/accuracies" in h]
-        if not recent:
-            return None
-        steps = [h["step"] for h in self.history]
-        # each log averages the steps since the previous one: weight it by the pairs it saw
-        weights = []
-        for h in recent:
-            i = steps.index(h["step"])
-            weights.append((h["step"] - (steps[i - 1] if i else 0)) * self._pairs_per_step)
-        pairs = sum(weights)
+        pairs, correct, previous = 0, 0.0, 0
+        for h in self.history:
+            seen = (h["step"] - previous) * self._pairs_per_step  # a log averages the steps since the previous one
+            previous = h["step"]
+            if h["step"] > start and "rewards/accuracies" in h:
+                pairs += seen
+                correct += seen * h["rewards/accuracies"]
         if pairs < self.min_pairs:
             return None
-        accuracy = sum(w * h["rewards/accuracies"] for w, h in zip(weights, recent)) / pairs
+        accuracy = correct / pairs
         ceiling = 0.5 + self.chance_se * 0.5 / math.sqrt(pairs)  # standard error of a coin flip's mean
         if accuracy <= ceiling:
             return self._diagnosis("chance_accuracy",

@@ -123,7 +123,7 @@ def prepare_preferences(data: Iterable[Any], tokenizer, max_length: int | None, 
     with warnings.catch_warnings():  # one combined warning below instead of one per stage
         warnings.simplefilter("ignore", DroppedRowsWarning)
         rows, dropped = validate_preferences(_rows_of(data), on_error, source)
-    # validate_preferences renumbers nothing: map kept rows back to their original index
+    # validate_preferences returns the kept rows only: their indices are the ones its report does not name
     bad = {r.row for r in dropped}
     kept_index = [i for i in range(dropped.total) if i not in bad]
     keep, truncated = [], []

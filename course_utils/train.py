@@ -28,6 +28,7 @@ from .models import ModelLoadError, load_model, lora_config
 from .prepare import ON_LONG, prepare_preferences
 from .presets import Preset, detect_preset, get_preset
 
+
 def dpo_config(preset: Preset, output_dir: str | Path, **overrides):
     """TRL ``DPOConfig`` for a preset. ``overrides`` are DPOConfig fields, applied last."""
     from trl import DPOConfig
