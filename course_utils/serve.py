@@ -66,8 +66,9 @@ def check_model_path(name: str, flag: str = "--model") -> str:
         hint = (f"; it holds a LoRA adapter (adapter_config.json): pass it as --adapter {name} with "
                 "--model <its base>") if (path / "adapter_config.json").is_file() else ""
         raise ServeError(f"{flag} {name}: no config.json, so not a transformers model directory{hint}")
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise ServeError(f"{flag} {name}: config.json but no weights (*.safetensors) in the directory")
+    if not any(path.glob("*.safetensors")):
+        pickled = " (only pickle .bin weights, which the course never loads)" if any(path.glob("*.bin")) else ""
+        raise ServeError(f"{flag} {name}: config.json but no weights (*.safetensors) in the directory{pickled}")
     return name
 
 
@@ -80,7 +81,7 @@ def check_adapter_dir(adapter) -> Path:
         found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
         hint = "; lesson 4 and the training CLI save it in <output-dir>/adapter" if (path / "adapter").is_dir() else ""
         raise ServeError(f"--adapter {adapter}: no adapter_config.json (found: {found}){hint}")
-    if not any((path / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+    if not (path / "adapter_model.safetensors").is_file():  # a pickled adapter_model.bin is never loaded
         raise ServeError(f"--adapter {adapter}: adapter_config.json but no adapter_model.safetensors")
     return path
 

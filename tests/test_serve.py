@@ -253,6 +253,13 @@ def test_cli_defaults_are_private():
     assert serve.build_parser().parse_args(["--model", "tiny", "--share"]).share is True
 
 
+def _files(folder, *names):
+    """A folder holding empty files (``{}`` in the json ones)."""
+    folder.mkdir()
+    for name in names:
+        (folder / name).write_text("{}" if name.endswith(".json") else "")
+
+
 @pytest.mark.parametrize("make, flags, message", [
     (lambda d: None, ["--model", "{d}/nowhere"], "--model {d}/nowhere: no such directory"),
     (lambda d: (d / "empty").mkdir(), ["--model", "{d}/empty"], "--model {d}/empty: no config.json"),
@@ -262,6 +269,10 @@ def test_cli_defaults_are_private():
     (lambda d: (d / "ad").mkdir() or (d / "ad" / "adapter_config.json").write_text("{}"),
      ["--model", "tiny", "--adapter", "{d}/ad"], "--adapter {d}/ad: adapter_config.json but no adapter_model"),
     (lambda d: None, ["--model", "tiny"], "--model tiny without --adapter has nothing to compare with"),
+    (lambda d: _files(d / "pk", "config.json", "pytorch_model.bin"),  # pickle weights are never loaded
+     ["--model", "{d}/pk"], "--model {d}/pk: config.json but no weights (*.safetensors) in the directory (only pickle"),
+    (lambda d: _files(d / "pa", "adapter_config.json", "adapter_model.bin"),
+     ["--model", "tiny", "--adapter", "{d}/pa"], "--adapter {d}/pa: adapter_config.json but no adapter_model.safetensors"),
 ])
 def test_wrong_paths_name_the_path_and_what_is_missing(tmp_path, make, flags, message):
     make(tmp_path)
