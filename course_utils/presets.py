@@ -5,6 +5,12 @@ and returns a :class:`Preset`. Every field can be overridden in one line::
 
     preset = detect_preset(max_steps=20, beta=0.5)
     preset = get_preset("t4").override(per_device_batch_size=1)
+
+On a GPU, ``detect_preset`` also checks the preset against the memory model of
+:mod:`course_utils.gpu_budget` (:func:`fit_to_gpu`): a batch or length that is predicted
+not to fit is lowered before training starts, and a size you set yourself that cannot fit
+raises :class:`PresetDoesNotFit` saying what would. ``print(explain_fit(preset, "T4"))``
+shows the prediction.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .gpu_budget import GPU, GPUS, SHAPES, MemoryPrediction, ModelShape, predict_step_seconds, preset_memory
 from .models import MISTRAL_DEFAULT_CHECKPOINT
 
 
@@ -64,6 +71,10 @@ class Preset:
     @property
     def effective_batch_size(self) -> int:
         return self.per_device_batch_size * self.gradient_accumulation_steps
+
+    def predicted_memory(self, shape: ModelShape | None = None) -> MemoryPrediction:
+        """Predicted peak GPU memory of one training step (:func:`course_utils.gpu_budget.predict_memory`)."""
+        return preset_memory(self, shape)
 
 
 # What every GPU preset shares: Mistral-7B in 4-bit NF4 with LoRA (QLoRA).
@@ -190,11 +201,141 @@ def preset_name_for(runtime: Runtime) -> str:
 
 
 def detect_preset(runtime: Runtime | None = None, **overrides) -> Preset:
-    """The preset for this runtime, with any field overridden: ``detect_preset(max_steps=10)``."""
+    """The preset for this runtime, with any field overridden: ``detect_preset(max_steps=10)``.
+
+    On a CUDA runtime the GPU preset is fitted to ``runtime.memory_gb`` (:func:`fit_to_gpu`);
+    memory fields you pass are kept as given, and :class:`PresetDoesNotFit` is raised up front
+    when they are predicted not to fit.
+    """
     runtime = runtime or Runtime.current()
     preset = get_preset(preset_name_for(runtime), **overrides)
     if preset.dtype == "bfloat16" and runtime.cuda and runtime.capability < (8, 0):
         raise ValueError(f"{runtime.device_name} has no bfloat16 support; use dtype='float16'.")
     if preset.name == "cuda" and runtime.capability >= (8, 0) and "dtype" not in overrides:
         preset = preset.override(dtype="bfloat16")
+    if runtime.cuda and runtime.memory_gb > 0 and preset.name in GPU_PRESETS and preset.model_name in SHAPES:
+        preset = fit_to_gpu(preset, runtime.memory_gb, pinned=set(overrides) & set(MEMORY_FIELDS))
     return preset
+
+
+# --- Fitting a GPU preset to the GPU's memory --------------------------------------------
+
+GPU_PRESETS = ("t4", "a100", "cuda")  # the ones fitted; cpu and tiny are not checked by the GPU model
+# Fields that change the predicted peak. A field the user set is never changed by fit_to_gpu.
+MEMORY_FIELDS = ("gradient_checkpointing", "precompute_ref_log_probs", "per_device_batch_size",
+                 "gradient_accumulation_steps", "max_length", "lora_r", "optimizer", "load_in_4bit", "dtype",
+                 "model_name")
+LENGTH_STEP = 64  # max_length is only ever lowered to a multiple of this
+
+
+class PresetDoesNotFit(ValueError):
+    """A preset is predicted not to fit the GPU's memory; the message says what would."""
+
+
+def _peak(preset: Preset, shape) -> float:
+    return preset.predicted_memory(shape).peak_gib
+
+
+def _first_fit(candidates, memory_gib: float, shape):
+    """The first (largest) candidate preset predicted to fit, or None."""
+    return next((p for p in candidates if _peak(p, shape) <= memory_gib), None)
+
+
+def _shorter(preset: Preset):
+    """The preset at each multiple of LENGTH_STEP below its max_length, longest first."""
+    top = (preset.max_length - 1) // LENGTH_STEP * LENGTH_STEP
+    return (preset.override(max_length=m) for m in range(top, preset.max_new_tokens, -LENGTH_STEP))
+
+
+def fit_to_gpu(preset: Preset, gpu_memory_gib: float, shape: ModelShape | None = None, *, pinned=(),
+               verbose: bool = True) -> Preset:
+    """``preset`` with its batch, then its length, lowered until the predicted peak fits.
+
+    Kept as is when it fits. Otherwise the largest ``per_device_batch_size`` that divides the
+    effective batch and fits is used, with ``gradient_accumulation_steps`` raised so the
+    effective batch stays the same; ``max_length`` is lowered (to a multiple of 64) only when
+    one pair per step does not fit. Fields in ``pinned`` are never changed; if only they could
+    make it fit, :class:`PresetDoesNotFit` is raised. Prints what it changed.
+    """
+    if _peak(preset, shape) <= gpu_memory_gib:
+        return preset
+    pinned, fitted, batch = set(pinned), None, preset
+    if not pinned & {"per_device_batch_size", "gradient_accumulation_steps"}:
+        eff = preset.effective_batch_size
+        smaller = (preset.override(per_device_batch_size=b, gradient_accumulation_steps=eff // b)
+                   for b in range(preset.per_device_batch_size - 1, 0, -1) if eff % b == 0)
+        fitted = _first_fit(smaller, gpu_memory_gib, shape)
+        batch = preset.override(per_device_batch_size=1, gradient_accumulation_steps=eff)
+    if fitted is None and "max_length" not in pinned:
+        fitted = _first_fit(_shorter(batch), gpu_memory_gib, shape)
+    if fitted is None:
+        raise PresetDoesNotFit(_does_not_fit(preset, gpu_memory_gib, shape, pinned))
+    if verbose:
+        changed = [f"{f} {getattr(preset, f)} -> {getattr(fitted, f)}" for f in
+                   ("per_device_batch_size", "gradient_accumulation_steps", "max_length")
+                   if getattr(preset, f) != getattr(fitted, f)]
+        print(f"fit_to_gpu: preset {preset.name!r} on {gpu_memory_gib:.1f} GiB: {', '.join(changed)} "
+              f"(effective batch {fitted.effective_batch_size}); predicted peak {_peak(fitted, shape):.1f} GiB, "
+              f"was {_peak(preset, shape):.1f} GiB.")
+    return fitted
+
+
+def _fitting_changes(preset: Preset, memory_gib: float, shape, limit: int = 3) -> list[tuple[dict, float]]:
+    """Up to ``limit`` small sets of field changes predicted to fit, fewest changes first."""
+    found = {}
+
+    def add(hit):
+        change = {f: getattr(hit, f) for f in MEMORY_FIELDS if getattr(hit, f) != getattr(preset, f)}
+        found[tuple(change)] = (change, _peak(hit, shape))
+
+    for base in ({}, {"gradient_checkpointing": True}, {"precompute_ref_log_probs": True}):
+        p0 = preset.override(**base)
+        if base and (p0 == preset or _peak(p0, shape) >= _peak(preset, shape)):
+            continue  # already on, or it does not lower the peak
+        if base and _peak(p0, shape) <= memory_gib:
+            add(p0)  # this switch alone is enough
+            continue
+        one_pair = p0.override(per_device_batch_size=1)
+        for candidates in ((p0.override(per_device_batch_size=b) for b in range(p0.per_device_batch_size - 1, 0, -1)),
+                           _shorter(p0), _shorter(one_pair) if one_pair != p0 else ()):
+            hit = _first_fit(candidates, memory_gib, shape)
+            if hit is not None:
+                add(hit)
+    return sorted(found.values(), key=lambda cp: (len(cp[0]), -cp[1]))[:limit]
+
+
+def _does_not_fit(preset: Preset, memory_gib: float, shape, pinned: set) -> str:
+    pred = preset.predicted_memory(shape)
+    parts = ", ".join(f"{k} {v:.1f} GiB" for k, v in pred.biggest(3))
+    options = "; ".join(", ".join(f"{k}={v!r}" for k, v in change.items()) + f" would fit: predicted {pk:.1f} GiB"
+                        for change, pk in _fitting_changes(preset, memory_gib, shape))
+    kept = f" You set {', '.join(sorted(pinned))}, so fit_to_gpu did not change them." if pinned else ""
+    return (f"Preset {preset.name!r} (max_length={preset.max_length}, per_device_batch_size="
+            f"{preset.per_device_batch_size}, gradient_checkpointing={preset.gradient_checkpointing}) is predicted "
+            f"to need {pred.peak_gib:.1f} GiB but this GPU has {memory_gib:.1f} GiB usable. Largest parts: {parts}."
+            f"{kept} {options or 'Nothing tried fits; use a GPU with more memory'}. "
+            f"(A prediction, not a measurement: see course_utils.gpu_budget.)")
+
+
+def explain_fit(preset: Preset, gpu, shape: ModelShape | None = None) -> str:
+    """A small table for a notebook: predicted memory by part, the verdict, the step time.
+
+    ``gpu``: a key of :data:`course_utils.gpu_budget.GPUS` (``"T4"``), a ``GPU``, a
+    :class:`Runtime`, or usable GiB as a number.
+    """
+    gpu = GPUS[gpu] if isinstance(gpu, str) else gpu
+    memory = gpu.memory_gib if isinstance(gpu, GPU) else gpu.memory_gb if isinstance(gpu, Runtime) else float(gpu)
+    pred = preset.predicted_memory(shape)
+    lines = [f"Preset {preset.name!r}: max_length {preset.max_length}, {preset.per_device_batch_size} pair(s) x "
+             f"{preset.gradient_accumulation_steps} accumulation, gradient checkpointing "
+             f"{'on' if preset.gradient_checkpointing else 'off'} (predicted, not measured)", pred.table(),
+             f"  {'usable GPU memory':<34}{memory:8.2f} GiB -> {'fits' if pred.fits(memory) else 'does NOT fit'}"]
+    if isinstance(gpu, GPU) and (shape or SHAPES.get(preset.model_name)):
+        sec = predict_step_seconds(shape or SHAPES[preset.model_name], seq_len=preset.max_length,
+                                   pairs=preset.per_device_batch_size,
+                                   gradient_accumulation_steps=preset.gradient_accumulation_steps, gpu=gpu,
+                                   gradient_checkpointing=preset.gradient_checkpointing, lora_r=preset.lora_r,
+                                   reference="precomputed" if preset.precompute_ref_log_probs else "adapter_disabled",
+                                   compute_dtype=preset.dtype)
+        lines.append(f"  {'seconds per optimiser step':<34}{sec:8.1f} s  (assumed {gpu.mfu:.0%} of {gpu.name} peak)")
+    return "\n".join(lines)
