@@ -240,7 +240,8 @@ def predict_memory(shape: ModelShape, *, seq_len: int, pairs_per_device: int, lo
 
 def count_dpo_step_flops(shape: ModelShape, tokens_per_sequence: int, sequences: int, lora_r: int,
                          gradient_checkpointing: bool, reference: str = "adapter_disabled",
-                         lora_targets="all-linear", lm_head_tokens_per_sequence: int | None = None) -> dict[str, float]:
+                         lora_targets="all-linear", lm_head_tokens_per_sequence: int | None = None,
+                         head_recomputes: bool = True) -> dict[str, float]:
     """Matmul FLOPs of one DPO micro-step (``sequences`` = 2 x pairs), exact from shapes.
 
     A matmul of (m x k) @ (k x n) is 2mnk FLOPs; norms, RoPE, softmax and the embedding
@@ -250,8 +251,9 @@ def count_dpo_step_flops(shape: ModelShape, tokens_per_sequence: int, sequences:
 
     * backward: input grads of the frozen base (= its forward), attention 2.5x its forward
       (flash-style kernels recompute the scores, then dP, dV, dQ, dK), LM head 2x (TRL's
-      chunked head recomputes each logits tile, then its input grad), LoRA 2x (weight and
-      input grads)
+      chunked head recomputes each logits tile, then its input grad; 1x with
+      ``head_recomputes=False``, as for ``fast_dpo``'s completion-only head, which keeps its
+      logits), LoRA 2x (weight and input grads)
     * recompute: the decoder forward again under gradient checkpointing
     * reference: a forward without LoRA (``"precomputed"``: 0)
 
@@ -266,7 +268,7 @@ def count_dpo_step_flops(shape: ModelShape, tokens_per_sequence: int, sequences:
     lora = L * sum(2 * T * r * (a + b) for k, (a, b) in shape.linears().items() if k in _targets(lora_targets))
     head = 2 * n * lm * shape.hidden_size * shape.vocab_size
     flops = {"forward": linear + attention + lora + head,
-             "backward": linear + 2.5 * attention + 2 * lora + 2 * head,
+             "backward": linear + 2.5 * attention + 2 * lora + (2 if head_recomputes else 1) * head,
              "recompute": linear + attention + lora if gradient_checkpointing else 0,
              "reference": 0 if reference == "precomputed" else linear + attention + head}
     flops["total"] = sum(flops.values())

@@ -23,6 +23,7 @@ import torch
 
 from .checkpoints import train_with_resume
 from .data import PreferenceDataError
+from .fast_dpo import cpu_supports_bf16
 from .guard import DivergenceGuard
 from .models import ModelLoadError, load_model, lora_config
 from .prepare import ON_LONG, prepare_preferences
@@ -51,7 +52,8 @@ def dpo_config(preset: Preset, output_dir: str | Path, **overrides):
         max_length=preset.max_length,  # prompt+completion tokens; TRL truncates the end beyond it
         activation_checkpointing=preset.gradient_checkpointing,  # a.k.a. gradient checkpointing
         precompute_ref_log_probs=preset.precompute_ref_log_probs,
-        bf16=preset.dtype == "bfloat16" and on_gpu,  # TRL defaults bf16=True; be explicit
+        # TRL defaults bf16=True; be explicit. On CPU, bf16 autocast only where it is native (fast_dpo.py)
+        bf16=(preset.dtype == "bfloat16" and on_gpu) or (not on_gpu and preset.cpu_bf16 and cpu_supports_bf16()),
         fp16=preset.dtype == "float16" and on_gpu,
         use_cpu=not on_gpu,
         # --- bookkeeping -------------------------------------------------------
@@ -82,6 +84,7 @@ def build_trainer(
     on_error: str = "raise",
     on_long: str = "truncate",
     guard: bool | DivergenceGuard = True,
+    completion_head: bool | None = None,
     **config_overrides,
 ):
     """A ready-to-train ``trl.DPOTrainer`` with LoRA (QLoRA when the model is 4-bit).
@@ -96,8 +99,12 @@ def build_trainer(
     ``guard``: True adds a :class:`~course_utils.guard.DivergenceGuard` with its defaults
     (stops on NaN/inf, diagnoses the other failure signatures); pass your own to configure
     it, or False for none. It is reachable as ``trainer.guard``.
+
+    ``completion_head`` (default: on CPU) scores only completion tokens
+    (:func:`course_utils.fast_dpo.install_completion_head`). The trainer is a
+    :class:`~course_utils.fast_dpo.CachingDPOTrainer`: precomputed reference log-probs are kept on disk.
     """
-    from trl import DPOTrainer
+    from .fast_dpo import CachingDPOTrainer
 
     if peft and getattr(model, "is_loaded_in_4bit", False):
         from peft import prepare_model_for_kbit_training
@@ -115,7 +122,7 @@ def build_trainer(
     if guard is True:
         guard = DivergenceGuard()
     callbacks = list(callbacks or []) + ([guard] if guard else [])
-    trainer = DPOTrainer(
+    trainer = CachingDPOTrainer(  # trl.DPOTrainer + an on-disk reference cache (fast_dpo.py)
         model=model,
         ref_model=None,  # LoRA: reference = base weights with the adapter disabled
         args=args,
@@ -124,6 +131,8 @@ def build_trainer(
         processing_class=tokenizer,
         peft_config=lora_config(preset.lora_r, preset.lora_alpha, preset.lora_dropout) if peft else None,
         callbacks=callbacks,
+        # on CPU, score only completion tokens (TRL's head scores every position there; fast_dpo.py)
+        completion_head=not torch.cuda.is_available() if completion_head is None else completion_head,
     )
     trainer.data_reports, trainer.guard = reports, guard or None
     return trainer
