@@ -8,12 +8,13 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: install browser course course-tiny dpo-job test clean help
+.PHONY: install browser course course-tiny dpo-job bench test clean help
 
 help:
 	@echo "make course      - install everything and execute all lessons on the CPU default (SmolLM2-135M-Instruct)"
 	@echo "make course-tiny - the same on the tiny random model (minutes)"
 	@echo "make dpo-job     - the end-to-end DPO job without notebooks (data -> train -> evaluate)"
+	@echo "make bench       - DPO training speed: TRL defaults vs the cpu preset -> build/bench.json"
 	@echo "make test        - install if needed and run all tests"
 	@echo "make browser     - install Debian's chromium if missing (the chat-demo test drives it)"
 
@@ -46,6 +47,10 @@ course-tiny: install
 
 dpo-job: install
 	$(PY) -m course_utils.course --preset cpu --output-dir build
+
+# interleaved runs of TRL's defaults and the cpu preset, plus one lever undone at a time (~15 min on 2 cores)
+bench: install
+	$(PY) benchmarks/bench_dpo.py --output build/bench.json
 
 test: install browser
 	$(PY) -m pytest
