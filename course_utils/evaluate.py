@@ -70,6 +70,18 @@ def implicit_reward_accuracy(model, tokenizer, dataset, beta: float) -> dict:
     return {"reward_accuracy": float((margin > 0).mean()), "reward_margin": float(margin.mean()), "pairs": len(prompts)}
 
 
+def kl_on_samples(model, tokenizer, prompts, completions) -> tuple[float, float]:
+    """Monte-Carlo KL(pi || pi_ref) in nats per completion, with its standard error.
+
+    ``completions[i]`` must be sampled from ``model`` (the policy, adapter on) for ``prompts[i]``:
+    the mean of ``log pi(y|x) - log pi_ref(y|x)`` over them is then an unbiased estimate of the KL
+    (single terms can be negative). The reference is ``model`` with its LoRA adapter disabled.
+    """
+    lp_pol = sequence_logprobs(model, tokenizer, prompts, completions)
+    lp_ref = sequence_logprobs(model, tokenizer, prompts, completions, disable_adapter=True)
+    return mean_and_stderr((lp_pol - lp_ref).numpy())
+
+
 def evaluate_against_reference(model, tokenizer, prompts, judge, *, num_samples: int = 1, max_new_tokens: int = 40,
                                seed: int = 1234, batch_size: int = 32) -> dict:
     """Sample from policy and reference on ``prompts``; judge, compare, estimate KL.
@@ -88,10 +100,7 @@ def evaluate_against_reference(model, tokenizer, prompts, judge, *, num_samples:
     flat_ref = [s for group in reference for s in group]
     pol_scores, ref_scores = judge(flat_pol), judge(flat_ref)
 
-    # KL(pi || pi_ref) per prompt, estimated on the policy's own samples
-    lp_pol = sequence_logprobs(model, tokenizer, flat_prompts, flat_pol)
-    lp_ref = sequence_logprobs(model, tokenizer, flat_prompts, flat_pol, disable_adapter=True)
-    kl, kl_se = mean_and_stderr((lp_pol - lp_ref).numpy())
+    kl, kl_se = kl_on_samples(model, tokenizer, flat_prompts, flat_pol)  # on the policy's own samples
     wr = win_rate(pol_scores, ref_scores, seed=seed)
     pol_reward, pol_se = mean_and_stderr(pol_scores)
     ref_reward, ref_se = mean_and_stderr(ref_scores)

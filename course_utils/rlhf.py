@@ -275,12 +275,15 @@ def mean_judge_reward(model, tokenizer, prompts, judge, *, num_samples: int, max
 def run_rloo(preset: Preset, base, train_prompts, eval_prompts, judge, *, seed: int, learning_rate: float,
              steps: int, output_dir, beta: float | None = None, num_generations: int = 4,
              max_completion_length: int = 32, eval_samples: int = 2, eval_seed: int = 1234,
-             config_overrides: dict | None = None, trainer_kwargs: dict | None = None) -> dict:
+             config_overrides: dict | None = None, trainer_kwargs: dict | None = None,
+             keep_model: bool = False) -> dict:
     """One RLOO run on a copy of ``base = (model, tokenizer)`` with a fresh LoRA adapter; returns its numbers.
 
     ``train_prompts``/``eval_prompts``: lists of chat prompts. The final policy is scored by ``judge`` on
-    ``eval_prompts`` with the same sampling seed in every run, so runs differ only by what training did.
-    ``config_overrides`` go to ``RLOOConfig``; ``trainer_kwargs`` to ``RLOOTrainer`` (e.g. another ``reward_funcs``).
+    ``eval_prompts`` with the same sampling seed in every run, so runs differ only by what training did
+    (``eval_prompts=None``: no scoring here, ``final_reward`` is None). ``config_overrides`` go to
+    ``RLOOConfig``; ``trainer_kwargs`` to ``RLOOTrainer`` (e.g. another ``reward_funcs``).
+    ``keep_model=True`` adds the trained PEFT model as ``"model"`` (lesson 7 measures it further).
     """
     from datasets import Dataset
     from transformers import PrinterCallback
@@ -288,7 +291,7 @@ def run_rloo(preset: Preset, base, train_prompts, eval_prompts, judge, *, seed: 
 
     start = time.perf_counter()
     model, tokenizer = copy.deepcopy(base[0]), base[1]  # TRL wraps the model in LoRA in place: never reuse one
-    tokenizer.padding_side = "left"  # RLOOTrainer generates; prompts are padded on the left
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # RLOOTrainer pads prompts on the left
     args = rloo_config(preset, Path(output_dir) / f"lr{learning_rate:g}-seed{seed}", seed=seed,
                        learning_rate=learning_rate, steps=steps, beta=preset.beta if beta is None else beta,
                        num_generations=num_generations, max_completion_length=max_completion_length,
@@ -298,11 +301,16 @@ def run_rloo(preset: Preset, base, train_prompts, eval_prompts, judge, *, seed: 
                   peft_config=lora_config(preset.lora_r, preset.lora_alpha, preset.lora_dropout))
     trainer = RLOOTrainer(model=model, args=args, **{**kwargs, **(trainer_kwargs or {})})
     trainer.remove_callback(PrinterCallback)
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        tokenizer.padding_side = padding_side  # the tokenizer is shared with the caller
     train_seconds = time.perf_counter() - start
     logs = [h for h in trainer.state.log_history if "reward" in h]
-    final = mean_judge_reward(trainer.model, tokenizer, eval_prompts, judge, num_samples=eval_samples,
-                              max_new_tokens=max_completion_length, seed=eval_seed)
+    final = None if eval_prompts is None else mean_judge_reward(
+        trainer.model, tokenizer, eval_prompts, judge, num_samples=eval_samples,
+        max_new_tokens=max_completion_length, seed=eval_seed)
+    extra = {"model": trainer.model} if keep_model else {}
     return {
         "seed": seed,
         "learning_rate": learning_rate,
@@ -310,8 +318,10 @@ def run_rloo(preset: Preset, base, train_prompts, eval_prompts, judge, *, seed: 
         "train_rewards": [h["reward"] for h in logs],  # mean judge score of each step's samples
         "kl": [h.get("kl") for h in logs],  # per-token log(pi / pi_ref) of the samples, averaged
         "clip_ratio": [h.get("clip_ratio/region_mean") for h in logs],  # fraction of sequences clipped
+        "completion_lengths": [h.get("completions/mean_length") for h in logs],  # generated tokens per sample
         "train_seconds": train_seconds,
         "seconds": time.perf_counter() - start,
+        **extra,
     }
 
 
