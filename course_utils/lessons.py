@@ -67,6 +67,10 @@ KEY_NUMBERS = {
     "reference_reward": ("05_evaluation", "reference_reward"),
     "length_controlled_win_rate": ("05_evaluation", "length_controlled_win_rate"),
     "merge_max_abs_diff": ("06_inference", "merge_max_abs_diff"),
+    "frontier_dpo_best_reward": ("07_reward_kl_frontier", "dpo_best_reward"),
+    "frontier_rloo_best_reward": ("07_reward_kl_frontier", "rloo_best_reward"),
+    "frontier_bon_best_reward": ("07_reward_kl_frontier", "bon_best_reward"),
+    "frontier_dpo_dominates_rloo": ("07_reward_kl_frontier", "dpo_dominates_rloo"),
 }
 
 
