@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .evaluate import kl_on_samples, mean_and_stderr
 from .generation import chat_prompt, sample_completions
@@ -67,9 +68,11 @@ GRIDS = {
     "tiny": FrontierGrid(dpo_betas=(0.05, 1.0), rloo_betas=(0.01, 0.5), bon_ns=(1, 4, 16), dpo_steps=4,
                          dpo_learning_rate=5e-3, rloo_steps=2, rloo_learning_rate=1e-2, eval_prompts=8,
                          eval_samples=1, max_new_tokens=16),
-    # SmolLM2-135M on 2 CPU cores: sized for about ten minutes in all
+    # SmolLM2-135M on 2 CPU cores, sized from measured costs: best-of-N ~16 s per eval prompt (3 seeds x 16
+    # candidates), a DPO run ~30 s (8 steps + measuring), an RLOO run ~35 s (4 steps of ~7 s: generating 4 x 32
+    # tokens dominates, + measuring). At lr 2e-3 six RLOO steps drove the KL to ~22 nats; 5e-4 keeps it ~0.3-1.4
     "cpu": FrontierGrid(dpo_betas=(0.1, 1.0), rloo_betas=(0.01, 0.5), bon_ns=(1, 4, 16), dpo_steps=8,
-                        dpo_learning_rate=1e-3, rloo_steps=6, rloo_learning_rate=2e-3, eval_prompts=12,
+                        dpo_learning_rate=1e-3, rloo_steps=4, rloo_learning_rate=5e-4, eval_prompts=10,
                         eval_samples=1, max_new_tokens=32),
     # Colab GPU presets (Mistral-7B QLoRA): not run in this repository; several hours on a T4
     "gpu": FrontierGrid(dpo_betas=(0.05, 0.1, 0.5, 1.0), rloo_betas=(0.01, 0.05, 0.2), bon_ns=(1, 4, 16),
@@ -93,8 +96,7 @@ def bon_kl(n: int) -> float:
 
     Not a Monte-Carlo estimate: the best-of-N density of a completion depends on where it ranks
     among all completions, so it cannot be scored token by token. Beirami et al. (2024) show the
-    formula is an upper bound of the true KL (exact only when no two completions tie in reward),
-    so best-of-N points sit at most this far right. 0 for N = 1.
+    formula is an upper bound on the true KL, so best-of-N points sit at most this far right. 0 for N = 1.
     """
     if n < 1:
         raise ValueError(f"N must be at least 1, got {n}")
@@ -132,28 +134,24 @@ def dpo_step_flops(shape: ModelShape, *, pairs: int, prompt_tokens: float, compl
         lm_head_tokens_per_sequence=max(1, round(completion_tokens)) if completion_head else None, **kwargs)
 
 
-def dpo_run_flops(shape: ModelShape, *, steps: int, pairs_per_step: int, train_pairs: int, prompt_tokens: float,
+def dpo_run_flops(shape: ModelShape, *, steps: int, pairs_per_step: int, prompt_tokens: float,
                   completion_tokens: float, lora_r: int, gradient_checkpointing: bool = False,
-                  precomputed_reference: bool = False, completion_head: bool = False) -> float:
+                  completion_head: bool = False) -> float:
     """Training FLOPs of one DPO run (an estimate):
 
-        steps x (policy forward + backward [+ reference forward]) on 2 x pairs_per_step sequences
-        + one reference forward over all 2 x train_pairs sequences when it is precomputed
+        steps x (policy forward + backward + reference forward) on 2 x pairs_per_step sequences
 
-    The precomputed pass is counted in every run, as if each paid for it; on CPU it is cached on
-    disk and shared, so the wall-clock of later runs does not show it. Not counted: sampling and
-    judging the preference pairs (see :func:`pair_data_flops`), shared by every DPO run.
+    The reference forward is counted on the pairs the run trains on, which is what TRL's default (a
+    reference forward in every step) costs. The cpu preset instead scores all training pairs once and
+    keeps them on disk (``fast_dpo``), which pays off when many runs share the pass, as every run here
+    and lesson 4 do; that shared pass is charged to no run. Not counted either: sampling and judging the
+    preference pairs (:func:`pair_data_flops`), also shared by every DPO run.
     """
     step = dpo_step_flops(shape, pairs=pairs_per_step, prompt_tokens=prompt_tokens,
                           completion_tokens=completion_tokens, lora_r=lora_r,
-                          gradient_checkpointing=gradient_checkpointing, precomputed_reference=precomputed_reference,
+                          gradient_checkpointing=gradient_checkpointing, precomputed_reference=False,
                           completion_head=completion_head)
-    once = 0.0
-    if precomputed_reference:
-        once = dpo_step_flops(shape, pairs=train_pairs, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                              lora_r=lora_r, gradient_checkpointing=False, precomputed_reference=False,
-                              completion_head=completion_head)["reference"]
-    return steps * step["total"] + once
+    return steps * step["total"]
 
 
 def pair_data_flops(*, prompts: int, samples_per_prompt: int, prompt_tokens: float, completion_tokens: float,
@@ -259,6 +257,14 @@ def best_of_n(model, tokenizer, prompts, judge, grid: FrontierGrid, seed: int) -
 # --- Training runs ---------------------------------------------------------------------------
 
 
+def _cpu_supports_bf16() -> bool:
+    try:
+        from .fast_dpo import cpu_supports_bf16
+    except ImportError:  # a course_utils without the fast cpu path: fp32
+        return False
+    return cpu_supports_bf16()
+
+
 def _hash_reference_once(model) -> None:
     """Key of the on-disk reference log-probs (``fast_dpo``), hashed once on the base: every copy inherits it."""
     try:
@@ -295,10 +301,8 @@ def run_dpo(preset, base, train_pairs, prompts, judge, grid: FrontierGrid, *, be
     p_tok = float(np.mean([len(x) for x in data["prompt_ids"]]))
     c_tok = float(np.mean([(len(c) + len(r)) / 2 for c, r in zip(data["chosen_ids"], data["rejected_ids"])]))
     flops = dpo_run_flops(ModelShape.from_config(model.config), steps=trainer.state.global_step,
-                          pairs_per_step=run_preset.effective_batch_size, train_pairs=len(data), prompt_tokens=p_tok,
-                          completion_tokens=c_tok, lora_r=run_preset.lora_r,
-                          gradient_checkpointing=run_preset.gradient_checkpointing,
-                          precomputed_reference=run_preset.precompute_ref_log_probs,
+                          pairs_per_step=run_preset.effective_batch_size, prompt_tokens=p_tok, completion_tokens=c_tok,
+                          lora_r=run_preset.lora_r, gradient_checkpointing=run_preset.gradient_checkpointing,
                           completion_head=bool(getattr(trainer, "completion_head", False)))
     measured = measure_policy(trainer.model, tokenizer, prompts, judge, grid)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -319,10 +323,13 @@ def run_online(preset, base, train_prompts, prompts, judge, grid: FrontierGrid, 
     from .rlhf import run_rloo
 
     tokenizer = base[1]
+    # on CPU, the bf16 autocast the preset's DPO training uses (where native), so both trained methods get it
+    cpu_bf16 = not torch.cuda.is_available() and preset.cpu_bf16 and _cpu_supports_bf16()
     out = run_rloo(preset, base, train_prompts, None, judge, seed=seed,
                    learning_rate=grid.rloo_learning_rate, steps=grid.rloo_steps, beta=beta,
                    output_dir=Path(output_dir) / f"rloo-beta{beta:g}", num_generations=grid.num_generations,
-                   max_completion_length=grid.max_new_tokens, keep_model=True)  # rewarded by judge_reward(judge)
+                   max_completion_length=grid.max_new_tokens, keep_model=True,  # rewarded by judge_reward(judge)
+                   config_overrides={"bf16": True} if cpu_bf16 else None)
     policy = out.pop("model")  # run_rloo trained a deep copy of base
     lengths = [c if c is not None else grid.max_new_tokens for c in out["completion_lengths"]]
     flops = rloo_run_flops(ModelShape.from_config(policy.config), steps=grid.rloo_steps,

@@ -20,6 +20,13 @@ from .frontier import METHODS
 LABELS = {"reference": "reference", "bon": "best-of-N", "dpo": "DPO", "rloo": "RLOO (online RL)"}
 COLORS = {"reference": "black", "bon": "tab:green", "dpo": "tab:blue", "rloo": "tab:orange"}
 PARAM_NAMES = {"bon": "N", "dpo": "β", "rloo": "β"}
+# Why a short run may not show "larger beta, smaller KL", per method
+WHY_BETA_IDLE = {
+    "dpo": "In a short run β hardly acts: Adam divides out the gradient's scale, and β changes only the weighting "
+           "sigma(-β margin), which stays near 1/2 until the margins grow.",
+    "rloo": "In a short run the penalty hardly acts: β multiplies each sample's log-ratio log(pi/pi_ref), which is 0 "
+            "at the first step and small for the first few, so both β give nearly the same advantages.",
+}
 SATURATION_WORTH_SAYING = 0.25  # share of outputs at VADER >= 0.9 above which saturation is named as a reason
 
 
@@ -58,44 +65,76 @@ def config_name(row: dict) -> str:
     return f"{LABELS[row['method']]} {PARAM_NAMES[row['method']]}={row['value']:g}"
 
 
-def best_at_kl(summary: list[dict], method: str, budget: float, reference_reward: float) -> tuple[float, dict | None]:
-    """The highest mean reward a method reaches among its configurations with mean KL <= ``budget``.
+def achievable_frontier(summary: list[dict], method: str, reference_reward: float) -> list[tuple[float, float]]:
+    """Vertices ``(KL, reward)`` of a method's achievable frontier: the upper concave hull of the reference
+    ``(0, reference_reward)`` and its settings' ``(kl_mean, reward_mean)``, by increasing KL.
 
-    The reference (KL 0) is always within budget, so a method never does worse than it here.
-    Returns ``(reward, row)``; ``row`` is None when the reference is the best on offer.
+    Why a hull: answering each prompt at random with one of two policies earns the mixed reward at no more
+    than the mixed KL, since KL(pi || pi_ref) is convex in pi. So every point on a chord between two measured
+    policies (or between one and the reference) is reachable, and the hull is the best of them. A mean KL
+    below 0 (Monte-Carlo noise) is placed at 0.
     """
-    best, best_row = reference_reward, None
-    for row in summary:
-        if row["method"] == method and row["kl_mean"] <= budget and row["reward_mean"] > best:
-            best, best_row = row["reward_mean"], row
-    return best, best_row
+    points = sorted({(0.0, reference_reward)} | {(max(0.0, r["kl_mean"]), r["reward_mean"]) for r in summary
+                                                 if r["method"] == method})
+    hull: list[tuple[float, float]] = []
+    for p in points:  # Andrew's monotone chain, upper half: drop the middle point of every non-right turn
+        while len(hull) >= 2 and ((hull[-1][0] - hull[-2][0]) * (p[1] - hull[-2][1])
+                                  - (hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0])) >= 0:
+            hull.pop()
+        hull.append(p)
+    return hull
+
+
+def reward_at_kl(hull: list[tuple[float, float]], budget: float) -> float:
+    """The best reward on an achievable frontier with KL <= ``budget``: interpolated on the hull, and flat
+    beyond its highest vertex (a policy with less KL than the budget is always allowed)."""
+    best = max(y for x, y in hull if x <= budget)
+    for (x0, y0), (x1, y1) in zip(hull, hull[1:]):
+        if x0 <= budget < x1:
+            best = max(best, y0 + (y1 - y0) * (budget - x0) / (x1 - x0))
+    return best
 
 
 def frontier_table(summary: list[dict], reference_reward: float, methods=("bon", "dpo", "rloo")) -> list[dict]:
-    """Each method's best reward at every KL budget that some configuration sits at (the step frontier).
+    """Each method's achievable reward at every KL budget where some method's frontier has a vertex.
 
-    One row per budget (sorted): ``{"kl_budget", <method>: reward, "leader": method or None}``;
-    the leader is None where every method is still at the reference.
+    One row per budget (sorted): ``{"kl_budget", <method>: reward, "leader": method or None}``; the
+    leader is None where every method is still at the reference. The frontiers are piecewise linear,
+    so comparing them at every vertex compares them everywhere up to the largest budget.
     """
-    budgets = sorted({max(0.0, row["kl_mean"]) for row in summary if row["method"] in methods})
+    hulls = {m: achievable_frontier(summary, m, reference_reward) for m in methods}
+    budgets = sorted({x for hull in hulls.values() for x, _ in hull})
     table = []
     for b in budgets:
-        entry = {"kl_budget": b}
-        for m in methods:
-            entry[m] = best_at_kl(summary, m, b, reference_reward)[0]
+        entry = {"kl_budget": b, **{m: reward_at_kl(hulls[m], b) for m in methods}}
         top = max(methods, key=lambda m: entry[m])
-        entry["leader"] = top if entry[top] > reference_reward else None
+        entry["leader"] = top if entry[top] > reference_reward + 1e-12 else None
         table.append(entry)
     return table
 
 
 def dominates(summary: list[dict], a: str, b: str, reference_reward: float) -> bool | None:
-    """True if method ``a``'s step frontier is >= ``b``'s at every budget where either has left the
-    reference, and > at one at least; False if ``b`` is ahead somewhere; None with nothing to compare."""
+    """True if method ``a``'s achievable frontier is >= ``b``'s at every KL budget where either has left
+    the reference, and > at one at least; False if ``b`` is ahead somewhere; None with nothing to compare."""
     rows = [r for r in frontier_table(summary, reference_reward, (a, b)) if r["leader"] is not None]
     if not rows:
         return None
     return all(r[a] >= r[b] for r in rows) and any(r[a] > r[b] for r in rows)
+
+
+def seed_noise(summary: list[dict], *methods: str) -> float:
+    """The typical seed-to-seed std of reward: the mean of ``reward_std`` over the methods' settings."""
+    return float(np.mean([r["reward_std"] for r in summary if r["method"] in methods]))
+
+
+def _narrowest_lead(summary: list[dict], win: str, lose: str, reference_reward: float) -> str:
+    """A clause saying where ``win``'s lead over ``lose`` is smallest, and whether it is within seed noise."""
+    rows = [r for r in frontier_table(summary, reference_reward, (win, lose)) if r["leader"] is not None]
+    gap, budget = min((r[win] - r[lose], r["kl_budget"]) for r in rows)
+    noise = seed_noise(summary, win, lose)
+    within = "smaller than" if gap < noise else "larger than"
+    return (f" Its narrowest lead, {gap:+.3f} within {budget:.2f} nats, is {within} the typical seed std of the "
+            f"two ({noise:.3f})" + (": there they cannot be told apart." if gap < noise else "."))
 
 
 def conclusions(summary: list[dict], reference_reward: float, eval_noise_std: float | None = None) -> list[str]:
@@ -115,16 +154,16 @@ def conclusions(summary: list[dict], reference_reward: float, eval_noise_std: fl
         if entry["leader"] is None:
             continue
         scores = ", ".join(f"{LABELS[m]} {entry[m]:+.3f}" for m in present)
-        lines.append(f"With a KL budget of {entry['kl_budget']:.2f} nats the best rewards are: {scores}; "
+        lines.append(f"Within a KL budget of {entry['kl_budget']:.2f} nats the achievable rewards are: {scores}; "
                      f"{LABELS[entry['leader']]} leads.")
     for a, b in (("dpo", "rloo"), ("dpo", "bon"), ("rloo", "bon")):
         if a in present and b in present:
             verdict = dominates(summary, a, b, reference_reward)
             back = dominates(summary, b, a, reference_reward)
-            if verdict:
-                lines.append(f"{LABELS[a]} dominates {LABELS[b]}: at least as high at every KL budget measured.")
-            elif back:
-                lines.append(f"{LABELS[b]} dominates {LABELS[a]}: at least as high at every KL budget measured.")
+            if verdict or back:
+                win, lose = (a, b) if verdict else (b, a)
+                lines.append(f"{LABELS[win]} dominates {LABELS[lose]}: at least as high at every KL budget measured."
+                             + _narrowest_lead(summary, win, lose, reference_reward))
             elif verdict is not None:
                 lines.append(f"Neither {LABELS[a]} nor {LABELS[b]} dominates: each leads at some KL budget.")
     for m in ("dpo", "rloo"):
@@ -138,8 +177,7 @@ def conclusions(summary: list[dict], reference_reward: float, eval_noise_std: fl
                              f"(mean KL {by} nats).")
             else:
                 lines.append(f"{LABELS[m]}: a larger β did NOT end at a smaller KL here (mean KL {by} nats; seed std "
-                             f"up to {widest:.2f}). In a short run β hardly acts: Adam divides out the gradient's scale, "
-                             "and β changes only the weighting sigma(-β margin), which stays near 1/2 until margins grow.")
+                             f"up to {widest:.2f}). {WHY_BETA_IDLE[m]}")
         if not rows:
             continue
         seed_std = float(np.mean([r["reward_std"] for r in rows]))
@@ -169,7 +207,7 @@ def paper_comparison(summary: list[dict], reference_reward: float, context: dict
              f"at KL {best_r['kl_mean']:.2f}; reference {reference_reward:+.3f}."]
     if verdict:
         lines.append("As in Figure 2 (left) of the paper, DPO's frontier is at or above RLOO's at every KL budget "
-                     "measured here.")
+                     "measured here." + _narrowest_lead(summary, "dpo", "rloo", reference_reward))
     else:
         lines.append("Unlike Figure 2 (left) of the paper, DPO does NOT dominate online RL here. Likely reasons, "
                      "with the numbers behind them:")
@@ -193,6 +231,12 @@ def paper_comparison(summary: list[dict], reference_reward: float, context: dict
         if gap < 2 * noise:
             lines.append(f"- seed noise: the best DPO and RLOO settings differ by {gap:.3f} in mean reward, less than "
                          f"twice the larger seed std ({noise:.3f}); more seeds or prompts would be needed to call it.")
+    if any(r["method"] == "bon" for r in summary) and dominates(summary, "bon", "dpo", reference_reward):
+        best_b = max((r for r in summary if r["method"] == "bon"), key=lambda r: r["reward_mean"])
+        lines.append(f"Best-of-N, which Figure 2 (left) does not show, is ahead of DPO at every KL budget here (N="
+                     f"{best_b['value']:g}: {best_b['reward_mean']:+.3f} at {best_b['kl_mean']:.2f} nats). Its KL is an "
+                     "upper bound, so its true points lie further left, which only widens the lead; it pays instead "
+                     "at inference, with N samples and N judge calls for every prompt.")
     return lines
 
 
@@ -210,7 +254,7 @@ def plot_frontier(runs: list[dict], summary: list[dict], reference_reward: float
     """Reward against KL(pi || pi_ref), as in Fig. 2 (left) of the DPO paper.
 
     A faint dot per run (seed), and per configuration the mean with error bars of one std over
-    seeds on both axes; each method's configurations joined in order of KL from the reference.
+    seeds on both axes; the dashed line is each method's achievable frontier (:func:`achievable_frontier`).
     Best-of-N sits at its closed-form KL (an upper bound), so it has no horizontal bar.
     """
     fig = Figure(figsize=(7.5, 4.5), layout="constrained")
@@ -222,8 +266,8 @@ def plot_frontier(runs: list[dict], summary: list[dict], reference_reward: float
             continue
         pts = [r for r in runs if r["method"] == m]
         ax.scatter([r["kl"] for r in pts], [r["reward"] for r in pts], s=12, alpha=0.35, color=COLORS[m])
-        x, y = [0.0] + [r["kl_mean"] for r in rows], [reference_reward] + [r["reward_mean"] for r in rows]
-        ax.plot(x, y, color=COLORS[m], lw=1, alpha=0.6)
+        hull = achievable_frontier(summary, m, reference_reward)
+        ax.plot([x for x, _ in hull], [y for _, y in hull], color=COLORS[m], lw=1.2, ls="--", alpha=0.7)
         ax.errorbar([r["kl_mean"] for r in rows], [r["reward_mean"] for r in rows],
                     xerr=[r["kl_std"] for r in rows], yerr=[r["reward_std"] for r in rows], fmt="o", ms=6,
                     capsize=3, color=COLORS[m], label=LABELS[m])
