@@ -68,16 +68,18 @@ GRIDS = {
     "tiny": FrontierGrid(dpo_betas=(0.05, 1.0), rloo_betas=(0.01, 0.5), bon_ns=(1, 4, 16), dpo_steps=4,
                          dpo_learning_rate=5e-3, rloo_steps=2, rloo_learning_rate=1e-2, eval_prompts=8,
                          eval_samples=1, max_new_tokens=16),
-    # SmolLM2-135M on 2 CPU cores, sized from measured costs: best-of-N ~16 s per eval prompt (3 seeds x 16
-    # candidates), a DPO run ~30 s (8 steps + measuring), an RLOO run ~35 s (4 steps of ~7 s: generating 4 x 32
-    # tokens dominates, + measuring). At lr 2e-3 six RLOO steps drove the KL to ~22 nats; 5e-4 keeps it ~0.3-1.4
-    "cpu": FrontierGrid(dpo_betas=(0.1, 1.0), rloo_betas=(0.01, 0.5), bon_ns=(1, 4, 16), dpo_steps=8,
-                        dpo_learning_rate=1e-3, rloo_steps=4, rloo_learning_rate=5e-4, eval_prompts=10,
+    # SmolLM2-135M on 2 CPU cores, sized from measured costs (make course, quiet machine): best-of-N ~15 s per
+    # eval prompt (3 seeds x 16 candidates), a DPO run ~25 s at 8 steps + ~10 s measuring, an RLOO run ~31 s (4
+    # steps of ~7 s: generating 4 x 32 tokens dominates) + ~9 s measuring. At lr 2e-3 six RLOO steps drove the
+    # KL to ~22 nats; 5e-4 keeps it near 1. Eight DPO steps at 1e-3 reached 3-5 nats, beyond the other methods
+    "cpu": FrontierGrid(dpo_betas=(0.1, 1.0), rloo_betas=(0.01, 0.5), bon_ns=(1, 4, 16), dpo_steps=6,
+                        dpo_learning_rate=1e-3, rloo_steps=4, rloo_learning_rate=5e-4, eval_prompts=8,
                         eval_samples=1, max_new_tokens=32),
-    # Colab GPU presets (Mistral-7B QLoRA): not run in this repository; several hours on a T4
+    # Colab GPU presets (Mistral-7B QLoRA): not run in this repository. Estimated from the README's ~35 s per
+    # T4 step of 8 pairs: ~1.5 h of DPO on a T4 plus RLOO's generation; far less on an A100
     "gpu": FrontierGrid(dpo_betas=(0.05, 0.1, 0.5, 1.0), rloo_betas=(0.01, 0.05, 0.2), bon_ns=(1, 4, 16),
-                        dpo_steps=40, dpo_learning_rate=2e-4, dpo_warmup_steps=4, rloo_steps=40,
-                        rloo_learning_rate=1e-4, eval_prompts=32, eval_samples=2, max_new_tokens=64),
+                        dpo_steps=12, dpo_learning_rate=2e-4, dpo_warmup_steps=2, rloo_steps=12,
+                        rloo_learning_rate=1e-4, eval_prompts=16, eval_samples=1, max_new_tokens=64),
 }
 
 

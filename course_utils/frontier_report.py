@@ -71,11 +71,14 @@ def achievable_frontier(summary: list[dict], method: str, reference_reward: floa
 
     Why a hull: answering each prompt at random with one of two policies earns the mixed reward at no more
     than the mixed KL, since KL(pi || pi_ref) is convex in pi. So every point on a chord between two measured
-    policies (or between one and the reference) is reachable, and the hull is the best of them. A mean KL
-    below 0 (Monte-Carlo noise) is placed at 0.
+    policies (or between one and the reference) is reachable, and the hull is the best of them.
+
+    Only the reference measurement stands at KL 0. A setting with mean KL <= 0 (best-of-1, or a Monte-Carlo
+    estimate below 0) is the reference up to noise, and its reward differs from the reference's only by
+    evaluation noise, so it is left out: it would lift the whole frontier by that noise.
     """
-    points = sorted({(0.0, reference_reward)} | {(max(0.0, r["kl_mean"]), r["reward_mean"]) for r in summary
-                                                 if r["method"] == method})
+    points = sorted({(0.0, reference_reward)} | {(r["kl_mean"], r["reward_mean"]) for r in summary
+                                                 if r["method"] == method and r["kl_mean"] > 0})
     hull: list[tuple[float, float]] = []
     for p in points:  # Andrew's monotone chain, upper half: drop the middle point of every non-right turn
         while len(hull) >= 2 and ((hull[-1][0] - hull[-2][0]) * (p[1] - hull[-2][1])

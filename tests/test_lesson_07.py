@@ -154,6 +154,10 @@ def test_frontier_and_dominance():
     assert hull == [(0.0, 0.0), (1.0, 0.5), (2.0, 0.6)]
     assert report.reward_at_kl(hull, 0.5) == pytest.approx(0.25)  # halfway along the chord from the reference
     assert report.reward_at_kl(hull, 9.0) == pytest.approx(0.6)  # flat beyond the last point
+    # only the reference stands at KL 0: best-of-1 (the reference re-sampled) never lifts the frontier
+    bon = report.summarize([_run("bon", n, s, 0.3 if n == 1 else 0.5, frontier.bon_kl(n)) for n in (1, 4) for s in range(3)],
+                           reference_reward=0.0)
+    assert report.achievable_frontier(bon, "bon", 0.0) == [(0.0, 0.0), (pytest.approx(frontier.bon_kl(4)), 0.5)]
     # a point under a chord is not a corner: (1, 0.2) lies below the line from (0, 0) to (2, 0.6)
     assert report.achievable_frontier(_summary((0.2, 0.6), (0.3, 0.3)), "dpo", 0.0) == [(0.0, 0.0), (2.0, 0.6)]
     # crossing: RLOO ahead within KL 1 (0.4 vs 0.3 on DPO's chord), DPO ahead at KL 2 -> neither dominates
