@@ -171,11 +171,13 @@ class Runtime:
     device_name: str = "cpu"
     capability: tuple[int, int] = (0, 0)
     memory_gb: float = 0.0
+    mps: bool = False  # Apple Silicon's GPU (Metal) is there; see device_for()
 
     @classmethod
     def current(cls) -> "Runtime":
         if not torch.cuda.is_available():
-            return cls(cuda=False)
+            mps = getattr(torch.backends, "mps", None)
+            return cls(cuda=False, mps=bool(mps and mps.is_available()))
         props = torch.cuda.get_device_properties(0)
         return cls(
             cuda=True,
@@ -204,6 +206,27 @@ def preset_name_for(runtime: Runtime) -> str:
     return "cuda"
 
 
+# Why the cpu preset stays on the CPU of a Mac with MPS (read in the pinned torch 2.13 / accelerate 1.15 /
+# TRL 1.16 sources; not run here, there is no Mac): accelerate would autocast bf16 on MPS (torch >= 2.6) and
+# the Trainer would pick the MPS device by itself, but only where `use_cpu` is False, and `dpo_config` sets it
+# from CUDA alone. What the cpu preset's numbers rest on was verified on CPU kernels only: bf16 chosen only
+# where it is native (cpu.py), the reference computed in the policy's exact shapes so that step 1 reproduces
+# it bit for bit (fast_dpo.py), and reference caches keyed on the CPU's kernel path. None of these has been
+# checked for Metal's kernels, so the course does not claim them there.
+MPS_CHOICE = ("Apple MPS is available, but the cpu preset trains on the CPU: its bf16 choice, its "
+              "bit-exact reference and its caches are verified on CPU kernels, not on Metal's.")
+
+
+def device_for(preset: Preset, runtime: Runtime | None = None) -> tuple[str, str]:
+    """``(device, why)``: where ``preset`` trains on ``runtime``: ``"cuda"`` or ``"cpu"`` (also on a Mac with MPS)."""
+    runtime = runtime or Runtime.current()
+    if runtime.cuda and preset.name not in ("cpu", "tiny"):
+        return "cuda", f"{runtime.device_name}, {runtime.memory_gb:.0f} GiB"
+    if runtime.mps:
+        return "cpu", MPS_CHOICE
+    return "cpu", "no CUDA GPU" if not runtime.cuda else f"preset {preset.name!r} is a CPU preset"
+
+
 def detect_preset(runtime: Runtime | None = None, **overrides) -> Preset:
     """The preset for this runtime, with any field overridden: ``detect_preset(max_steps=10)``.
 
@@ -213,6 +236,8 @@ def detect_preset(runtime: Runtime | None = None, **overrides) -> Preset:
     """
     runtime = runtime or Runtime.current()
     preset = get_preset(preset_name_for(runtime), **overrides)
+    if runtime.mps:
+        print(f"detect_preset: {MPS_CHOICE}")
     if preset.dtype == "bfloat16" and runtime.cuda and runtime.capability < (8, 0):
         raise ValueError(f"{runtime.device_name} has no bfloat16 support; use dtype='float16'.")
     if preset.name == "cuda" and runtime.capability >= (8, 0) and "dtype" not in overrides:

@@ -71,3 +71,18 @@ def test_every_preset_fits_the_sentiment_openings(name):
     p = PRESETS[name]
     train, held_out = split_openings(p.train_prompts, p.eval_prompts, seed=p.seed)
     assert len(train) == p.train_prompts and len(held_out) == p.eval_prompts
+
+
+def test_a_mac_with_mps_trains_the_cpu_preset_on_the_cpu_and_says_why(capsys):
+    from course_utils.presets import device_for
+
+    mac = Runtime(cuda=False, mps=True)
+    preset = detect_preset(mac)
+    assert preset.name == "cpu"
+    assert "Apple MPS is available" in capsys.readouterr().out  # said, not silent
+    device, why = device_for(preset, mac)
+    assert device == "cpu" and "verified on CPU kernels" in why
+    assert device_for(get_preset("t4"), T4)[0] == "cuda"
+    assert device_for(preset, CPU) == ("cpu", "no CUDA GPU")
+    detect_preset(CPU)
+    assert capsys.readouterr().out == ""  # a plain CPU runtime prints nothing
