@@ -39,15 +39,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .cpu import cpu_path_key, cpu_supports_bf16  # noqa: F401 (cpu_supports_bf16 re-exported: it lived here)
 from .models import cache_dir
-
-
-def cpu_supports_bf16() -> bool:
-    """True when this CPU multiplies bf16 natively (AVX512-BF16 or AMX); otherwise bf16 is emulated and slower."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,6 +151,23 @@ def _rows_hash(dataset) -> str:
     return h.hexdigest()
 
 
+def fixed_batch_length(datasets, max_length: int | None, multiple: int = 8) -> int:
+    """The one length every batch is padded to under ``fixed_shapes``: the longest tokenised row
+    (prompt + the longer answer) over ``datasets``, capped at ``max_length`` (TRL truncates there),
+    rounded up to a multiple of ``multiple`` (vector-friendly; rows are rarely much shorter).
+
+    The cost is the padding beyond each batch's own longest row: on the sentiment pairs the
+    longest row of a 4-pair batch is within a few tokens of the longest of all.
+    """
+    longest = 1
+    for dataset in datasets:
+        columns = [dataset.data.column(c).to_pylist() for c in ("prompt_ids", "chosen_ids", "rejected_ids")]
+        for p, c, r in zip(*columns):
+            longest = max(longest, len(p) + max(len(c), len(r)))
+    longest = min(longest, max_length or longest)
+    return -(-longest // multiple) * multiple  # padding past max_length is harmless: rows are cut there first
+
+
 def _trainer_class():
     from trl import DPOTrainer
 
@@ -171,13 +181,40 @@ def _trainer_class():
         ``ref_rejected_logps``); a miss runs TRL's own pass and stores it.
         ``completion_head=True`` installs :func:`install_completion_head` before TRL's
         reference pass, so reference and policy are scored by the same code.
+
+        ``fixed_shapes=True`` pads every batch, of the reference pass and of training, to one
+        length (:func:`fixed_batch_length`), so the reference is computed in exactly the
+        policy's shapes and precision. Why: in bf16 a pair's log-probs depend on the shapes of
+        the batch it sits in (the kernels, and so the rounding, are chosen per shape), and the
+        reference pass batches the rows in another order than training does. With one shape,
+        the step-1 policy reproduces the cached reference bit for bit (measured:
+        ``course_utils.precision.reference_agreement``). ``reference_same_path`` says whether
+        that holds for this trainer.
         """
 
-        def __init__(self, *args, completion_head: bool = False, **kwargs):
+        def __init__(self, *args, completion_head: bool = False, fixed_shapes: bool = False, **kwargs):
             self.completion_head = completion_head
+            self.fixed_shapes = fixed_shapes
+            self.fixed_length = None  # the one padded length of every batch, once fixed
             self.reference_cache_hits = []  # names of the datasets whose reference came from disk
             super().__init__(*args, **kwargs)
             self._install_head()
+            self._fix_shapes()  # also when no reference pass ran (a reference not precomputed)
+
+        @property
+        def reference_same_path(self) -> bool:
+            """True when the policy at step 1 runs exactly the operations that produced the reference."""
+            return not self.precompute_ref_logps or self.fixed_length is not None
+
+        def _fix_shapes(self):
+            if not self.fixed_shapes or self.fixed_length is not None:
+                return
+            datasets = [self.train_dataset] + ([] if self.eval_dataset is None else
+                                               list(self.eval_dataset.values()) if isinstance(self.eval_dataset, dict)
+                                               else [self.eval_dataset])
+            length = fixed_batch_length(datasets, self.args.max_length)
+            # every row is at most `length` tokens, so padding to a multiple of it pads to exactly it
+            self.data_collator.pad_to_multiple_of = self.fixed_length = length
 
         def _install_head(self):
             if self.completion_head:
@@ -189,9 +226,11 @@ def _trainer_class():
             from safetensors.torch import load_file, save_file
 
             self._install_head()  # TRL runs this pass inside __init__, before build_trainer could patch
+            self._fix_shapes()
             key = hashlib.sha256(json.dumps([
                 reference_weights_hash(self.model), _rows_hash(dataset), batch_size, self.args.bf16,
                 self.args.fp16, self.completion_head, self.ld_alpha, torch.__version__, trl.__version__,
+                self.fixed_length, cpu_path_key() if self.args.use_cpu else None,
             ]).encode()).hexdigest()[:24]
             path = reference_cache_dir() / f"{key}.safetensors"
             if path.is_file():

@@ -35,9 +35,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cpu import cpu_supports_bf16
 from .evaluate import kl_on_samples, mean_and_stderr
 from .generation import chat_prompt, sample_completions
 from .gpu_budget import SHAPES, ModelShape, count_dpo_step_flops
+from .precision import trainer_step_one_tolerances
 
 METHODS = ("reference", "bon", "dpo", "rloo")  # the order of every table and plot
 SATURATED = 0.9  # a VADER compound score this high is near its ceiling of 1: more reward is hardly possible
@@ -259,14 +261,6 @@ def best_of_n(model, tokenizer, prompts, judge, grid: FrontierGrid, seed: int) -
 # --- Training runs ---------------------------------------------------------------------------
 
 
-def _cpu_supports_bf16() -> bool:
-    try:
-        from .fast_dpo import cpu_supports_bf16
-    except ImportError:  # a course_utils without the fast cpu path: fp32
-        return False
-    return cpu_supports_bf16()
-
-
 def _hash_reference_once(model) -> None:
     """Key of the on-disk reference log-probs (``fast_dpo``), hashed once on the base: every copy inherits it."""
     try:
@@ -307,10 +301,15 @@ def run_dpo(preset, base, train_pairs, prompts, judge, grid: FrontierGrid, *, be
                           lora_r=run_preset.lora_r, gradient_checkpointing=run_preset.gradient_checkpointing,
                           completion_head=bool(getattr(trainer, "completion_head", False)))
     measured = measure_policy(trainer.model, tokenizer, prompts, judge, grid)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    losses = [h["loss"] for h in logs]
+    # how close to ln 2 step 1 must be, derived from the precision and the path (precision.py)
+    bounds = trainer_step_one_tolerances(trainer, logs[0]) if logs[0]["step"] == 1 else None
     run = {"method": "dpo", "param": "beta", "value": beta, "seed": seed, "seconds": seconds, "flops": flops,
            "steps": trainer.state.global_step, "pairs_seen": trainer.state.global_step * run_preset.effective_batch_size,
            "learning_rate": grid.dpo_learning_rate, "first_loss": losses[0], "last_loss": losses[-1],
+           "first_loss_bound": bounds["loss"] if bounds else None, "first_loss_bound_dtype": bounds and bounds["dtype"],
+           "first_margin": logs[0].get("rewards/margins"),
            # True when the precomputed reference log-probs came from the on-disk cache (fast_dpo), not a fresh pass
            "reference_cache_hit": bool(getattr(trainer, "reference_cache_hits", None)), **measured}
     del trainer, model
@@ -326,7 +325,7 @@ def run_online(preset, base, train_prompts, prompts, judge, grid: FrontierGrid, 
 
     tokenizer = base[1]
     # on CPU, the bf16 autocast the preset's DPO training uses (where native), so both trained methods get it
-    cpu_bf16 = not torch.cuda.is_available() and preset.cpu_bf16 and _cpu_supports_bf16()
+    cpu_bf16 = not torch.cuda.is_available() and preset.cpu_bf16 and cpu_supports_bf16()
     out = run_rloo(preset, base, train_prompts, None, judge, seed=seed,
                    learning_rate=grid.rloo_learning_rate, steps=grid.rloo_steps, beta=beta,
                    output_dir=Path(output_dir) / f"rloo-beta{beta:g}", num_generations=grid.num_generations,

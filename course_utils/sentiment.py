@@ -166,7 +166,7 @@ def sentiment_dataset(preset, generator=None, use_cache=True):
     from datasets import Dataset, DatasetDict
 
     train_open, eval_open = split_openings(preset.train_prompts, preset.eval_prompts, seed=preset.seed)
-    from .fast_dpo import cpu_supports_bf16
+    from .cpu import cpu_supports_bf16
 
     kwargs = dict(samples_per_prompt=preset.samples_per_prompt, max_new_tokens=preset.max_new_tokens,
                   seed=preset.seed, generator=generator, use_cache=use_cache, batch_size=preset.sample_batch_size,

@@ -23,7 +23,7 @@ import torch
 
 from .checkpoints import train_with_resume
 from .data import PreferenceDataError
-from .fast_dpo import cpu_supports_bf16
+from .cpu import cpu_supports_bf16
 from .guard import DivergenceGuard
 from .models import ModelLoadError, load_model, lora_config
 from .prepare import ON_LONG, prepare_preferences
@@ -102,7 +102,8 @@ def build_trainer(
 
     ``completion_head`` (default: on CPU) scores only completion tokens
     (:func:`course_utils.fast_dpo.install_completion_head`). The trainer is a
-    :class:`~course_utils.fast_dpo.CachingDPOTrainer`: precomputed reference log-probs are kept on disk.
+    :class:`~course_utils.fast_dpo.CachingDPOTrainer`: precomputed reference log-probs are kept on disk,
+    and under bf16/fp16 every batch has one shape, so the step-1 policy reproduces that reference exactly.
     """
     from .fast_dpo import CachingDPOTrainer
 
@@ -133,6 +134,8 @@ def build_trainer(
         callbacks=callbacks,
         # on CPU, score only completion tokens (TRL's head scores every position there; fast_dpo.py)
         completion_head=not torch.cuda.is_available() if completion_head is None else completion_head,
+        # a precomputed reference in bf16/fp16: compute it in the policy's exact shapes (fast_dpo.py)
+        fixed_shapes=args.precompute_ref_log_probs and (args.bf16 or args.fp16),
     )
     trainer.data_reports, trainer.guard = reports, guard or None
     return trainer
