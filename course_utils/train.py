@@ -137,8 +137,28 @@ def build_trainer(
         # a precomputed reference in bf16/fp16: compute it in the policy's exact shapes (fast_dpo.py)
         fixed_shapes=args.precompute_ref_log_probs and (args.bf16 or args.fp16),
     )
+    if args.fp16:
+        upcast_trainable_to_fp32(trainer.model)
     trainer.data_reports, trainer.guard = reports, guard or None
     return trainer
+
+
+def upcast_trainable_to_fp32(model) -> list[str]:
+    """Make every trainable parameter fp32; returns the names that were not.
+
+    Why: for a quantised (4-bit) model TRL 1.16 casts the LoRA weights to bf16 (QLoRA paper,
+    §3), in ``DPOTrainer.__init__``. Under ``fp16=True`` accelerate builds a CUDA
+    ``GradScaler`` whose unscale kernel (``_amp_foreach_non_finite_check_and_unscale_``) has
+    no bf16 version, so a T4 run crashes at its first optimizer step (pytorch#127176). fp32
+    master weights are also what mixed precision expects: autocast runs the products in fp16
+    and the optimizer updates fp32. The optimizer is created in ``train()``, after this.
+    """
+    changed = []
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+            changed.append(name)
+    return changed
 
 
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
