@@ -243,7 +243,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--resume", default="auto",
                         help="auto: continue from the newest complete checkpoint in --output-dir if there is one; "
                              "never: start fresh; or a checkpoint folder")
-    parser.add_argument("--stop-on", default="non_finite",
+    parser.add_argument("--stop-on", default="non_finite,fp16_overflow",
                         help="comma-separated divergence signatures that stop the run, 'all', or 'none' "
                              "(see course_utils/guard.py)")
     args = parser.parse_args(argv)
