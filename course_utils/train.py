@@ -85,6 +85,7 @@ def build_trainer(
     on_long: str = "truncate",
     guard: bool | DivergenceGuard = True,
     completion_head: bool | None = None,
+    fixed_shapes: bool | None = None,
     **config_overrides,
 ):
     """A ready-to-train ``trl.DPOTrainer`` with LoRA (QLoRA when the model is 4-bit).
@@ -103,7 +104,8 @@ def build_trainer(
     ``completion_head`` (default: on CPU) scores only completion tokens
     (:func:`course_utils.fast_dpo.install_completion_head`). The trainer is a
     :class:`~course_utils.fast_dpo.CachingDPOTrainer`: precomputed reference log-probs are kept on disk,
-    and under bf16/fp16 every batch has one shape, so the step-1 policy reproduces that reference exactly.
+    and under bf16/fp16 every batch has one shape, so the step-1 policy reproduces that reference exactly
+    (``fixed_shapes``, default: exactly then).
     """
     from .fast_dpo import CachingDPOTrainer
 
@@ -135,7 +137,8 @@ def build_trainer(
         # on CPU, score only completion tokens (TRL's head scores every position there; fast_dpo.py)
         completion_head=not torch.cuda.is_available() if completion_head is None else completion_head,
         # a precomputed reference in bf16/fp16: compute it in the policy's exact shapes (fast_dpo.py)
-        fixed_shapes=args.precompute_ref_log_probs and (args.bf16 or args.fp16),
+        fixed_shapes=(args.precompute_ref_log_probs and (args.bf16 or args.fp16)) if fixed_shapes is None
+        else fixed_shapes,
     )
     if args.fp16:
         upcast_trainable_to_fp32(trainer.model)
