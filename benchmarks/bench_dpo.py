@@ -68,6 +68,8 @@ CONFIGS = {
                                        {"preset": {"precompute_ref_log_probs": False}}),
     "course_cpu_checkpointing": ("course cpu preset + gradient checkpointing", {"preset": {"gradient_checkpointing": True}}),
     "course_cpu_1_thread": ("course cpu preset on 1 thread", {"threads": 1}),
+    "course_cpu_dynamic_shapes": ("course cpu preset, batches padded to their own length (reference shapes differ)",
+                                  {"fixed_shapes": False}),
     "trl_default_fp32": ("TRL DPOConfig defaults + LoRA r=8, fp32", {"trl": {"bf16": False}}),
 }
 HEADLINE = ("trl_default", "course_cpu")
@@ -138,7 +140,8 @@ def run_child(name: str, data_path: str, steps: int, result_path: str) -> None:
         recipe = {k: v for k, v in RECIPE.items() if k != "per_device_train_batch_size"}
         trainer = build_trainer(preset.override(per_device_batch_size=BATCH), model, tokenizer, train,
                                 output_dir=out_dir, callbacks=[timer], guard=False,
-                                completion_head=change.get("completion_head"), **recipe, **common)
+                                completion_head=change.get("completion_head"), fixed_shapes=change.get("fixed_shapes"),
+                                **recipe, **common)
         scores_all_positions = not trainer.model.get_base_model().__dict__.get("_course_completion_head", False)
         reference_in_step = not preset.precompute_ref_log_probs
     setup_seconds = time.perf_counter() - t0

@@ -189,8 +189,9 @@ def predict_memory(shape: ModelShape, *, seq_len: int, pairs_per_device: int, lo
     other = 4 if kbit_prepared and weights == "nf4" else c  # peft upcasts every non-4-bit parameter to fp32
     base = shape.linear_parameters() * per_linear
     base_other = shape.other_parameters() * other
-    # TRL casts a quantised model's adapters to bf16 (QLoRA paper); peft keeps others in fp32
-    ad = 2 if weights == "nf4" else 4
+    # TRL casts a quantised model's adapters to bf16 (QLoRA paper); peft keeps others in fp32; under fp16,
+    # build_trainer makes them fp32 again (the CUDA GradScaler cannot unscale bf16: train.upcast_trainable_to_fp32)
+    ad = 2 if weights == "nf4" and compute_dtype == "bfloat16" else 4
     n_lora = shape.lora_parameters(lora_r, lora_targets)
     opt = 2 if "8bit" in optimizer else 2 * ad  # two Adam moments: 8-bit each, or the adapters' dtype
     per_layer = activation_bytes_per_token(shape, seq_len=seq_len, weights=weights, compute_dtype=compute_dtype,

@@ -21,6 +21,14 @@ recognises five signatures (thresholds are fields of the guard):
     run while the reward margin keeps rising past ``margin_limit``: the pairs are too easy
     to tell apart (a give-away such as length or format), so the loss keeps pushing the
     policy away from the reference with nothing left to learn.
+``fp16_overflow``
+    under fp16 mixed precision, ``max_skipped_steps`` logs in a row had a finite loss but a
+    non-finite gradient norm. One such log is normal: the gradient scaler found an overflow,
+    skipped that optimizer step and halved its scale (it starts at 2^16, so the first steps
+    often overflow). Each skipped step halves the scale; after 16 in a row it has fallen from
+    2^16 to 1, and gradients that still overflow at scale 1 cannot be represented in fp16 at
+    all: the run has diverged. Skipped steps are counted in ``guard.skipped_steps``. A
+    non-finite *loss* is ``non_finite`` and stops at once, fp16 or not.
 ``chance_accuracy``
     over the pairs seen since ``chance_after`` of the run (at least ``min_pairs``), reward
     accuracy is no better than a coin flip: at most 0.5 plus ``chance_se`` binomial standard
@@ -39,7 +47,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainerCallback
 
-SIGNATURES = ("non_finite", "exploding_gradients", "logps_collapse", "margin_blowup", "chance_accuracy")
+SIGNATURES = ("non_finite", "fp16_overflow", "exploding_gradients", "logps_collapse", "margin_blowup",
+              "chance_accuracy")
 WATCHED = ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
            "logps/chosen", "logps/rejected")
 
@@ -49,6 +58,11 @@ ADVICE = {
         "example (an empty answer, a token id outside the vocabulary)",
         "lower the learning rate 10x, keep max_grad_norm=1.0, use bf16 instead of fp16, and check the data with "
         "course_utils.prepare.prepare_preferences; resume from the last checkpoint before this step"),
+    "fp16_overflow": (
+        "fp16's range is exceeded at every loss scale: the learning rate is too high, or activations overflow "
+        "fp16 (a long context, an fp16-intolerant model)",
+        "lower the learning rate, use bf16 where the GPU has it (Ampere or newer), or fp32; resume from the last "
+        "checkpoint before the skipped steps began"),
     "exploding_gradients": (
         "the learning rate is too high for this model and batch, or warm-up is too short",
         "lower the learning rate (2-10x) or add warmup_steps; max_grad_norm clips each step but does not fix the "
@@ -90,7 +104,8 @@ class Diagnosis:
 class DivergenceGuard(TrainerCallback):
     """Watches DPOTrainer's logs for the signatures in the module docstring; see there for each threshold."""
 
-    stop_on: tuple[str, ...] | str = ("non_finite",)  # signatures that stop training; "all" for every one
+    stop_on: tuple[str, ...] | str = ("non_finite", "fp16_overflow")  # signatures that stop training; "all": every one
+    max_skipped_steps: int = 16  # fp16: logs in a row with a skipped step before it counts as divergence (see above)
     grad_factor: float = 10.0  # exploding: grad norm above this x median of earlier logs ...
     grad_floor: float = 1.0  # ... and above this absolute value (tiny norms jumping around are harmless)
     logp_drop: float = 0.5  # collapse: both log-probs fell by this fraction of their starting magnitude
@@ -113,12 +128,23 @@ class DivergenceGuard(TrainerCallback):
         self.stop_on = stops
         self._pairs_per_step = 1
         self._max_steps = 0
+        self.fp16 = False  # set from the TrainingArguments when training begins
+
+    @property
+    def skipped_steps(self) -> list[int]:
+        """Steps (of the logs seen) that the fp16 gradient scaler skipped: finite loss, non-finite grad norm."""
+        return [h["step"] for h in self.history if self._skipped(h)]
+
+    def _skipped(self, entry: dict) -> bool:
+        return (self.fp16 and math.isfinite(entry.get("loss", math.nan))
+                and not math.isfinite(entry.get("grad_norm", 0.0)))
 
     # --- TrainerCallback hooks -------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._pairs_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
         self._max_steps = state.max_steps
+        self.fp16 = bool(getattr(args, "fp16", False))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs:  # evaluation and end-of-training summaries
@@ -143,7 +169,7 @@ class DivergenceGuard(TrainerCallback):
 
     def check(self) -> list[Diagnosis]:
         """Every signature present in the history so far."""
-        checks = (self._non_finite, self._exploding, self._collapse, self._blowup, self._chance)
+        checks = (self._non_finite, self._overflow, self._exploding, self._collapse, self._blowup, self._chance)
         return [d for d in (c() for c in checks) if d is not None]
 
     def _diagnosis(self, signature: str, seen: str) -> Diagnosis:
@@ -154,9 +180,21 @@ class DivergenceGuard(TrainerCallback):
         return [h[key] for h in self.history if key in h]
 
     def _non_finite(self):
-        bad = [k for k, v in self.history[-1].items() if k != "step" and not math.isfinite(v)]
+        last = self.history[-1]
+        bad = [k for k, v in last.items() if k != "step" and not math.isfinite(v)
+               and not (k == "grad_norm" and self._skipped(last))]  # a skipped fp16 step is not a NaN
         if bad:
             return self._diagnosis("non_finite", f"{', '.join(bad)} = {self.history[-1][bad[0]]}")
+
+    def _overflow(self):
+        run = 0
+        for entry in reversed(self.history):
+            if not self._skipped(entry):
+                break
+            run += 1
+        if run >= self.max_skipped_steps:
+            return self._diagnosis("fp16_overflow", f"{run} logs in a row with a finite loss and grad_norm = "
+                                                    f"{self.history[-1]['grad_norm']} (skipped steps)")
 
     def _exploding(self):
         norms = [g for g in self._series("grad_norm") if math.isfinite(g)]
@@ -227,6 +265,8 @@ class DivergenceGuard(TrainerCallback):
 
     def summary(self) -> str:
         """One line for the end of a run."""
+        skipped = self.skipped_steps
+        note = f"; fp16 skipped {len(skipped)} step(s) on overflow (at {skipped[:8]})" if skipped else ""
         if not self.diagnoses:
-            return f"DivergenceGuard: no problem detected in {len(self.history)} logs."
-        return "DivergenceGuard: " + "; ".join(f"{d.signature} at step {d.step}" for d in self.diagnoses)
+            return f"DivergenceGuard: no problem detected in {len(self.history)} logs{note}."
+        return "DivergenceGuard: " + "; ".join(f"{d.signature} at step {d.step}" for d in self.diagnoses) + note

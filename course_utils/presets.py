@@ -172,18 +172,23 @@ class Runtime:
     capability: tuple[int, int] = (0, 0)
     memory_gb: float = 0.0
     mps: bool = False  # Apple Silicon's GPU (Metal) is there; see device_for()
+    colab: bool = False  # running in Google Colab, where "auto" without a GPU is a mistake (see detect_preset)
 
     @classmethod
     def current(cls) -> "Runtime":
+        import sys
+
+        colab = "google.colab" in sys.modules
         if not torch.cuda.is_available():
             mps = getattr(torch.backends, "mps", None)
-            return cls(cuda=False, mps=bool(mps and mps.is_available()))
+            return cls(cuda=False, mps=bool(mps and mps.is_available()), colab=colab)
         props = torch.cuda.get_device_properties(0)
         return cls(
             cuda=True,
             device_name=props.name,
             capability=(props.major, props.minor),
             memory_gb=props.total_memory / 2**30,
+            colab=colab,
         )
 
 
@@ -230,11 +235,15 @@ def device_for(preset: Preset, runtime: Runtime | None = None) -> tuple[str, str
 def detect_preset(runtime: Runtime | None = None, **overrides) -> Preset:
     """The preset for this runtime, with any field overridden: ``detect_preset(max_steps=10)``.
 
-    On a CUDA runtime the GPU preset is fitted to ``runtime.memory_gb`` (:func:`fit_to_gpu`);
+    On Colab without a GPU it raises :class:`NoGPURuntime`, saying how to switch the runtime
+    (``get_preset("cpu")`` still runs the CPU version on purpose). On a CUDA runtime the GPU
+    preset is fitted to ``runtime.memory_gb`` (:func:`fit_to_gpu`);
     memory fields you pass are kept as given, and :class:`PresetDoesNotFit` is raised up front
     when they are predicted not to fit.
     """
     runtime = runtime or Runtime.current()
+    if runtime.colab and not runtime.cuda:
+        raise NoGPURuntime(NO_GPU_ON_COLAB)
     preset = get_preset(preset_name_for(runtime), **overrides)
     if runtime.mps:
         print(f"detect_preset: {MPS_CHOICE}")
@@ -255,6 +264,15 @@ MEMORY_FIELDS = ("gradient_checkpointing", "precompute_ref_log_probs", "per_devi
                  "gradient_accumulation_steps", "max_length", "lora_r", "optimizer", "load_in_4bit", "dtype",
                  "model_name")
 LENGTH_STEP = 64  # max_length is only ever lowered to a multiple of this
+
+
+class NoGPURuntime(RuntimeError):
+    """``detect_preset`` on a Colab runtime without a GPU: the lessons' headline path needs one."""
+
+
+NO_GPU_ON_COLAB = ("This Colab runtime has no GPU, and PRESET = \"auto\" trains Mistral-7B on one. "
+                   "Runtime > Change runtime type > T4 GPU (or A100), Save, then run the notebook again from the top. "
+                   "To run the small CPU version on purpose instead (SmolLM2-135M, slower), set PRESET = \"cpu\".")
 
 
 class PresetDoesNotFit(ValueError):

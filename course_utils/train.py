@@ -85,6 +85,7 @@ def build_trainer(
     on_long: str = "truncate",
     guard: bool | DivergenceGuard = True,
     completion_head: bool | None = None,
+    fixed_shapes: bool | None = None,
     **config_overrides,
 ):
     """A ready-to-train ``trl.DPOTrainer`` with LoRA (QLoRA when the model is 4-bit).
@@ -103,7 +104,8 @@ def build_trainer(
     ``completion_head`` (default: on CPU) scores only completion tokens
     (:func:`course_utils.fast_dpo.install_completion_head`). The trainer is a
     :class:`~course_utils.fast_dpo.CachingDPOTrainer`: precomputed reference log-probs are kept on disk,
-    and under bf16/fp16 every batch has one shape, so the step-1 policy reproduces that reference exactly.
+    and under bf16/fp16 every batch has one shape, so the step-1 policy reproduces that reference exactly
+    (``fixed_shapes``, default: exactly then).
     """
     from .fast_dpo import CachingDPOTrainer
 
@@ -135,10 +137,31 @@ def build_trainer(
         # on CPU, score only completion tokens (TRL's head scores every position there; fast_dpo.py)
         completion_head=not torch.cuda.is_available() if completion_head is None else completion_head,
         # a precomputed reference in bf16/fp16: compute it in the policy's exact shapes (fast_dpo.py)
-        fixed_shapes=args.precompute_ref_log_probs and (args.bf16 or args.fp16),
+        fixed_shapes=(args.precompute_ref_log_probs and (args.bf16 or args.fp16)) if fixed_shapes is None
+        else fixed_shapes,
     )
+    if args.fp16:
+        upcast_trainable_to_fp32(trainer.model)
     trainer.data_reports, trainer.guard = reports, guard or None
     return trainer
+
+
+def upcast_trainable_to_fp32(model) -> list[str]:
+    """Make every trainable parameter fp32; returns the names that were not.
+
+    Why: for a quantised (4-bit) model TRL 1.16 casts the LoRA weights to bf16 (QLoRA paper,
+    §3), in ``DPOTrainer.__init__``. Under ``fp16=True`` accelerate builds a CUDA
+    ``GradScaler`` whose unscale kernel (``_amp_foreach_non_finite_check_and_unscale_``) has
+    no bf16 version, so a T4 run crashes at its first optimizer step (pytorch#127176). fp32
+    master weights are also what mixed precision expects: autocast runs the products in fp16
+    and the optimizer updates fp32. The optimizer is created in ``train()``, after this.
+    """
+    changed = []
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+            changed.append(name)
+    return changed
 
 
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
@@ -223,7 +246,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--resume", default="auto",
                         help="auto: continue from the newest complete checkpoint in --output-dir if there is one; "
                              "never: start fresh; or a checkpoint folder")
-    parser.add_argument("--stop-on", default="non_finite",
+    parser.add_argument("--stop-on", default="non_finite,fp16_overflow",
                         help="comma-separated divergence signatures that stop the run, 'all', or 'none' "
                              "(see course_utils/guard.py)")
     args = parser.parse_args(argv)

@@ -133,3 +133,42 @@ def test_each_diagnosis_reads_as_plain_language():
     text = str(found)
     assert text.startswith("[DivergenceGuard] step 1: non finite")
     assert "seen:   loss = nan" in text and "likely:" in text and "fix:" in text
+
+
+# --- fp16: the gradient scaler's skipped steps are not a divergence ------------------------------------------
+
+
+def _fp16_guard(entries):
+    guard = DivergenceGuard(verbose=False)
+    guard.fp16 = True
+    for step, (loss, grad_norm) in enumerate(entries, start=1):
+        guard.history.append({"loss": loss, "grad_norm": grad_norm, "rewards/margins": 0.0, "step": step})
+        guard.diagnoses += [d for d in guard.check() if d.signature not in _signatures(guard)]
+    return guard
+
+
+def test_fp16_skipped_steps_are_counted_not_stopped():
+    """Overflow in the first steps is normal at scale 2^16: the scaler skips them and halves its scale."""
+    guard = _fp16_guard([(0.693, math.inf), (0.693, math.nan), (0.693, math.inf), (0.69, 0.8), (0.68, 0.7)])
+    assert guard.diagnoses == []
+    assert guard.skipped_steps == [1, 2, 3]
+    assert "fp16 skipped 3 step(s)" in guard.summary()
+
+
+def test_fp16_a_run_of_skipped_steps_is_a_divergence():
+    n = DivergenceGuard().max_skipped_steps
+    guard = _fp16_guard([(0.69, 0.5)] + [(0.69, math.inf)] * n)
+    assert _signatures(guard) == ["fp16_overflow"] and guard.diagnoses[0].step == n + 1
+    assert "fp16_overflow" in DivergenceGuard().stop_on  # stops by default
+    assert _signatures(_fp16_guard([(0.69, math.inf)] * (n - 1))) == []  # one fewer is still healthy
+
+
+def test_fp16_a_nan_loss_still_stops_at_once():
+    guard = _fp16_guard([(0.69, math.inf), (math.nan, math.nan)])
+    assert _signatures(guard) == ["non_finite"] and guard.diagnoses[0].step == 2
+
+
+def test_without_fp16_an_infinite_grad_norm_is_non_finite():
+    guard = DivergenceGuard(verbose=False)
+    guard.history.append({"loss": 0.69, "grad_norm": math.inf, "step": 1})
+    assert [d.signature for d in guard.check()] == ["non_finite"]
