@@ -34,8 +34,6 @@ cpu preset's bf16 path the first kind; :func:`reference_agreement` measures it.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
@@ -160,5 +158,3 @@ def describe(tolerances: dict, measured: dict | None = None) -> str:
                  f"(|log pi| ~ {measured['logp_magnitude']:.0f})")
     return line
 
-
-LN2 = math.log(2)
