@@ -2,7 +2,7 @@
 
 A DPO run can fail in ways a loss curve hides. :class:`DivergenceGuard` is a
 ``transformers.TrainerCallback`` that watches every training log of ``DPOTrainer`` and
-recognises five signatures (thresholds are fields of the guard):
+recognises six signatures (thresholds are fields of the guard):
 
 ``non_finite``
     loss, gradient norm, rewards or log-probs are NaN/inf. Everything after is garbage;
