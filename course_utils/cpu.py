@@ -51,6 +51,12 @@ def isa_cap(env=None) -> str | None:
     return value or None
 
 
+def aten_cap(env=None) -> str | None:
+    """The ``ATEN_CPU_CAPABILITY`` this process runs under, lower-cased, or None when uncapped."""
+    env = os.environ if env is None else env
+    return (env.get("ATEN_CPU_CAPABILITY") or "").strip().lower() or None
+
+
 def cap_allows_native_bf16(env=None) -> bool:
     """False when an ISA cap (oneDNN's or ATen's) rules out native bf16 kernels."""
     env = os.environ if env is None else env
@@ -60,7 +66,7 @@ def cap_allows_native_bf16(env=None) -> bool:
             raise ValueError(f"ONEDNN_MAX_CPU_ISA={cap!r} is not one of oneDNN's ISA names {ONEDNN_ISAS}")
         if ONEDNN_ISAS.index(cap) < FIRST_NATIVE_BF16:
             return False
-    return (env.get("ATEN_CPU_CAPABILITY") or "").strip().lower() not in ATEN_WITHOUT_AVX512
+    return aten_cap(env) not in ATEN_WITHOUT_AVX512
 
 
 def cpu_supports_bf16(env=None) -> bool:
@@ -84,24 +90,26 @@ def cpu_supports_bf16(env=None) -> bool:
         return False
 
 
+@lru_cache(maxsize=None)
+def _cpuinfo() -> str:
+    """``/proc/cpuinfo`` (Linux), read once; empty elsewhere."""
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags from ``/proc/cpuinfo`` (Linux); empty elsewhere."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    match = re.search(r"^flags\s*:\s*(.*)$", text, re.MULTILINE)
+    match = re.search(r"^flags\s*:\s*(.*)$", _cpuinfo(), re.MULTILINE)
     return set(match.group(1).split()) if match else set()
 
 
 def cpu_model() -> str:
     """A human-readable CPU name: ``model name`` on Linux, the brand string on a Mac."""
-    try:
-        match = re.search(r"^model name\s*:\s*(.*)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
-        if match:
-            return match.group(1).strip()
-    except OSError:
-        pass
+    match = re.search(r"^model name\s*:\s*(.*)$", _cpuinfo(), re.MULTILINE)
+    if match:
+        return match.group(1).strip()
     if sys.platform == "darwin":
         try:
             return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
@@ -151,7 +159,7 @@ def bf16_kernel() -> str:
 def cpu_path_key() -> list:
     """What decides which kernels (and so which roundings) a CPU run takes: part of cache keys for
     numbers computed in bf16, so a reference cached under AMX is never reused with AMX capped off."""
-    return [cpu_model(), hardware_isa(), isa_cap(), os.environ.get("ATEN_CPU_CAPABILITY") or None]
+    return [cpu_model(), hardware_isa(), isa_cap(), aten_cap()]
 
 
 def machine_info(kernel: bool = True) -> dict:
@@ -162,7 +170,7 @@ def machine_info(kernel: bool = True) -> dict:
         "torch_threads": torch.get_num_threads(),
         "hardware_isa": hardware_isa(),
         "onednn_max_cpu_isa": isa_cap(),
-        "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY") or None,
+        "aten_cpu_capability": aten_cap(),
         "bf16_native": cpu_supports_bf16(),
         "torch": torch.__version__,
     }

@@ -36,23 +36,14 @@ from __future__ import annotations
 
 import torch
 
+from .models import _to_dtype
+
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def as_dtype(dtype) -> torch.dtype:
-    """``torch.bfloat16`` from ``torch.bfloat16``, ``"bfloat16"`` or ``"bf16"``."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _NAMES:
-        raise ValueError(f"unknown precision {dtype!r}; one of {sorted(_NAMES)}")
-    return _NAMES[dtype]
 
 
 def unit_roundoff(dtype) -> float:
     """u of a floating-point format: half the gap between 1 and the next representable number."""
-    return UNIT_ROUNDOFF[as_dtype(dtype)]
+    return UNIT_ROUNDOFF[_to_dtype(dtype)]
 
 
 def compute_dtype(args) -> torch.dtype:
@@ -83,7 +74,7 @@ def step_one_tolerances(dtype, beta: float, logp_chosen: float, logp_rejected: f
     ln 2 − x/2 + O(x²/8), the loss is within β(d_c + d_r)/2 + (β(d_c + d_r))²/8 of ln 2.
     Returns ``{"logp": ..., "margin": ..., "loss": ..., "dtype": ...}``.
     """
-    rounding = torch.float32 if same_path else as_dtype(dtype)
+    rounding = torch.float32 if same_path else _to_dtype(dtype)
     d = rounding_bound(rounding, logp_chosen) + rounding_bound(rounding, logp_rejected)
     x = beta * d
     return {"logp": d / 2, "margin": x, "loss": x / 2 + x * x / 8, "dtype": str(rounding).replace("torch.", "")}
@@ -126,9 +117,8 @@ def reference_agreement(trainer, max_batches: int = 8, seed: int = 1) -> dict:
                 logps = _sequence_logps(trainer, model, batch)
                 if "ref_chosen_logps" in batch:
                     ref = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
-                else:
-                    with model.disable_adapter():
-                        ref = _sequence_logps(trainer, model, batch)
+                else:  # TRL's own reference scoring: the adapter disabled, in the accelerator's autocast
+                    ref = torch.cat(trainer.compute_ref_log_probs(model, batch))
                 gaps.append((logps.float() - ref.float()).abs().cpu())
                 sizes.append(ref.float().abs().cpu())
     finally:

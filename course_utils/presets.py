@@ -171,7 +171,7 @@ class Runtime:
     device_name: str = "cpu"
     capability: tuple[int, int] = (0, 0)
     memory_gb: float = 0.0
-    mps: bool = False  # Apple Silicon's GPU (Metal) is there; see device_for()
+    mps: bool = False  # Apple Silicon's GPU (Metal) is there; the cpu preset still trains on the CPU (MPS_CHOICE)
     colab: bool = False  # running in Google Colab, where "auto" without a GPU is a mistake (see detect_preset)
 
     @classmethod
@@ -220,16 +220,6 @@ def preset_name_for(runtime: Runtime) -> str:
 # checked for Metal's kernels, so the course does not claim them there.
 MPS_CHOICE = ("Apple MPS is available, but the cpu preset trains on the CPU: its bf16 choice, its "
               "bit-exact reference and its caches are verified on CPU kernels, not on Metal's.")
-
-
-def device_for(preset: Preset, runtime: Runtime | None = None) -> tuple[str, str]:
-    """``(device, why)``: where ``preset`` trains on ``runtime``: ``"cuda"`` or ``"cpu"`` (also on a Mac with MPS)."""
-    runtime = runtime or Runtime.current()
-    if runtime.cuda and preset.name not in ("cpu", "tiny"):
-        return "cuda", f"{runtime.device_name}, {runtime.memory_gb:.0f} GiB"
-    if runtime.mps:
-        return "cpu", MPS_CHOICE
-    return "cpu", "no CUDA GPU" if not runtime.cuda else f"preset {preset.name!r} is a CPU preset"
 
 
 def detect_preset(runtime: Runtime | None = None, **overrides) -> Preset:
