@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import train_with_resume
+from .checkpoints import ResumeMismatch, RunIdentityCallback, run_identity, train_with_resume
 from .data import PreferenceDataError
 from .cpu import cpu_supports_bf16
 from .guard import DivergenceGuard
@@ -124,7 +124,8 @@ def build_trainer(
             print(f"[{split}] {reports[split].summary()}")
     if guard is True:
         guard = DivergenceGuard()
-    callbacks = list(callbacks or []) + ([guard] if guard else [])
+    identity = run_identity(preset)  # written into every checkpoint; a mismatching one is never resumed
+    callbacks = list(callbacks or []) + ([guard] if guard else []) + [RunIdentityCallback(identity)]
     trainer = CachingDPOTrainer(  # trl.DPOTrainer + an on-disk reference cache (fast_dpo.py)
         model=model,
         ref_model=None,  # LoRA: reference = base weights with the adapter disabled
@@ -143,6 +144,7 @@ def build_trainer(
     if args.fp16:
         upcast_trainable_to_fp32(trainer.model)
     trainer.data_reports, trainer.guard = reports, guard or None
+    trainer.course_run = identity  # train_with_resume refuses a checkpoint whose course_run.json differs
     return trainer
 
 
@@ -261,7 +263,7 @@ def main(argv=None) -> dict:
         parser.error(str(err))
     try:
         return _run(args, overrides, guard)
-    except (PreferenceDataError, ModelLoadError, FileNotFoundError) as err:
+    except (PreferenceDataError, ModelLoadError, FileNotFoundError, ResumeMismatch) as err:
         # A clear one-line message instead of a traceback from deep inside datasets/TRL.
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from course_utils.checkpoints import checkpoint_dir, latest_checkpoint, list_checkpoints, train_with_resume
+from course_utils.checkpoints import (IDENTITY_FILE, ResumeMismatch, check_resumable, latest_checkpoint, list_checkpoints,
+                                      run_dir, run_identity, train_with_resume)
+from course_utils.presets import get_preset
 from course_utils.train import main
 
 TOL = 1e-6
@@ -100,11 +102,40 @@ def test_a_finished_run_is_not_resumed(uninterrupted, capsys, tmp_path):
     _close(uninterrupted, again)
 
 
-def test_checkpoints_go_to_drive_when_mounted(tmp_path):
-    drive = tmp_path / "MyDrive"
-    assert checkpoint_dir("dpo", tmp_path / "local", drive_root=drive) == tmp_path / "local"
-    drive.mkdir()
-    assert checkpoint_dir("dpo", tmp_path / "local", drive_root=drive) == drive / "dpo-course" / "dpo"
+def test_checkpoint_folders_are_per_preset_and_base_model(tmp_path):
+    t4, a100, tiny = get_preset("t4"), get_preset("a100"), get_preset("tiny")
+    assert run_dir(tmp_path, t4) == tmp_path / "dpo" / "checkpoints" / f"t4-{t4.checkpoint.replace('/', '--')}"
+    assert len({run_dir(tmp_path, p) for p in (t4, a100, tiny)}) == 3
+    local = tiny.override(model_name=str(tmp_path / "models" / "tiny-mistral"))
+    assert run_dir(tmp_path, local).name == "tiny-tiny-mistral"  # a local model folder: its own name
+
+
+def test_every_checkpoint_records_its_run(uninterrupted):
+    for _, path, complete in list_checkpoints(uninterrupted["output_dir"]):
+        assert complete and json.loads((path / IDENTITY_FILE).read_text()) == run_identity(get_preset("tiny"))
+
+
+def test_a_checkpoint_of_another_run_is_refused(uninterrupted, tmp_path, capsys):
+    """Resuming with another adapter shape is refused with a message (exit 2), before anything is loaded."""
+    copy = tmp_path / "other"
+    shutil.copytree(uninterrupted["output_dir"], copy)
+    older = sorted(p for _, p, ok in list_checkpoints(copy) if ok)[0]
+    (copy / "metrics.json").unlink()  # the finished run's; a refused resume must not write a new one
+    with pytest.raises(SystemExit) as exit_info:
+        main(ARGS + ["--set", "lora_r=4", "--output-dir", str(copy), "--resume", str(older)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Not resuming" in err and "lora_r 8 (checkpoint) vs 4 (this run)" in err
+    assert not (copy / "metrics.json").exists()
+
+
+def test_an_old_checkpoint_is_checked_on_its_base_model(tmp_path):
+    """Without course_run.json, the adapter's base model decides."""
+    ckpt = tmp_path / "checkpoint-4"
+    ckpt.mkdir()
+    (ckpt / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M"}))
+    check_resumable(ckpt, run_identity(get_preset("cpu")), "HuggingFaceTB/SmolLM2-135M")  # same base: fine
+    with pytest.raises(ResumeMismatch, match="trained on 'HuggingFaceTB/SmolLM2-135M'"):
+        check_resumable(ckpt, run_identity(get_preset("t4")), get_preset("t4").checkpoint)
 
 
 def test_metrics_file_records_the_run(uninterrupted):
