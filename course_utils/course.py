@@ -64,7 +64,7 @@ def run_course(preset_name: str = "cpu", output_dir: str | Path = "build", **ove
     judge = SentimentJudge()
     test_acc = implicit_reward_accuracy(policy, tokenizer, splits["test"], preset.beta)
     versus = evaluate_against_reference(policy, tokenizer, [sentiment_prompt(o) for o in held_out], judge,
-                                        num_samples=2, max_new_tokens=preset.max_new_tokens, seed=preset.seed + 1)
+                                        num_samples=2, max_new_tokens=preset.sentiment_new_tokens, seed=preset.seed + 1)
     timings["eval_seconds"] = time.perf_counter() - t
 
     summary = {

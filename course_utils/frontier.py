@@ -159,12 +159,14 @@ def dpo_run_flops(shape: ModelShape, *, steps: int, pairs_per_step: int, prompt_
 
 
 def pair_data_flops(*, prompts: int, samples_per_prompt: int, prompt_tokens: float, completion_tokens: float,
-                    shape: ModelShape | None = None) -> float:
+                    shape: ModelShape | None = None, preset=None) -> float:
     """Generation FLOPs of the DPO training data: ``samples_per_prompt`` samples per prompt from the pairs'
-    generator (SmolLM2-135M on every preset, ``sentiment.GENERATOR_MODEL``, unless ``shape`` says otherwise)."""
+    generator (``sentiment.pair_generator``: the preset's own model, SmolLM2-135M on ``tiny`` and without
+    a preset), unless ``shape`` says otherwise."""
     from .sentiment import GENERATOR_MODEL
 
-    return generation_flops(shape or SHAPES[GENERATOR_MODEL], prompt_tokens=prompt_tokens,
+    key = GENERATOR_MODEL if preset is None or preset.name == "tiny" else preset.model_name
+    return generation_flops(shape or SHAPES[key], prompt_tokens=prompt_tokens,
                             completion_tokens=completion_tokens, sequences=prompts * samples_per_prompt)
 
 

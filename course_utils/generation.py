@@ -87,7 +87,7 @@ def sequence_logprobs(
     """Summed log-probability of each completion given its prompt: ``log pi(y | x)``, shape ``(N,)``.
 
     The completion is tokenised after the formatted prompt and followed by the
-    template's end-of-turn token (the model must learn to stop). With
+    template's end-of-turn token (the model must learn to stop), unless it already ends with it. With
     ``disable_adapter=True`` a PEFT model is scored with its LoRA adapter switched
     off, i.e. as the reference policy, without a second copy in memory.
     """
@@ -95,7 +95,8 @@ def sequence_logprobs(
     rows = []
     for prompt, completion in zip(prompts, completions, strict=True):
         p_ids = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-        c_ids = tokenizer(completion + eos, add_special_tokens=False)["input_ids"]
+        end = "" if eos and completion.endswith(eos) else eos  # orca's answers arrive with it (data.py), as TRL does
+        c_ids = tokenizer(completion + end, add_special_tokens=False)["input_ids"]
         rows.append((p_ids, c_ids))
     context = model.disable_adapter() if disable_adapter else contextlib.nullcontext()
     was_training = model.training

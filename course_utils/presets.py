@@ -54,6 +54,7 @@ class Preset:
     eval_prompts: int = 64  # held-out openings training never sees
     samples_per_prompt: int = 4  # completions sampled per prompt; best and worst become a pair
     max_new_tokens: int = 40  # completion length when sampling pairs and evaluating
+    pair_max_new_tokens: int | None = None  # sentiment completions' cap (pairs, their judge); None: max_new_tokens
     sample_batch_size: int = 32  # rows per generate() call when sampling pairs (part of the pairs' cache key)
     seed: int = 0
     notes: str = field(default="", compare=False)  # why this preset looks the way it does
@@ -69,6 +70,11 @@ class Preset:
     @property
     def torch_dtype(self) -> torch.dtype:
         return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.dtype]
+
+    @property
+    def sentiment_new_tokens(self) -> int:
+        """Tokens per sentiment completion: "one or two sentences" need far fewer than a chat answer."""
+        return self.pair_max_new_tokens or self.max_new_tokens
 
     @property
     def effective_batch_size(self) -> int:
@@ -93,7 +99,8 @@ _QLORA_GPU = dict(
     max_steps=200,
     train_prompts=296,  # all 360 openings: 296 train + 64 held out (orca pairs: see lesson 3)
     eval_prompts=64,
-    max_new_tokens=256,
+    max_new_tokens=256,  # chat answers (orca prompts, lesson 6)
+    pair_max_new_tokens=48,  # sentiment continuations, sampled on the GPU from Mistral itself (sentiment.py)
 )
 
 PRESETS: dict[str, Preset] = {

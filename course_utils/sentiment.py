@@ -5,7 +5,9 @@ sentiment classifier as the ground-truth reward. Here, offline and on a CPU:
 
 * prompts: a few hundred movie-review openings written for this course
   (``assets/review_openings.txt``), wrapped in a chat instruction;
-* completions: sampled from SmolLM2-135M-Instruct, the reference policy;
+* completions: sampled from the reference policy itself, the model the preset trains
+  (SmolLM2-135M-Instruct on ``cpu``, Mistral-7B in 4-bit on the GPU presets, on the GPU);
+  ``tiny``'s model is random, so its pairs come from SmolLM2 (:func:`pair_generator`);
 * ground truth: VADER's compound sentiment score in [-1, 1] (the ``vaderSentiment``
   package ships its lexicon); per prompt, the most positive sample becomes ``chosen``
   and the least positive ``rejected``;
@@ -31,7 +33,7 @@ from .data import validate_preferences
 from .models import cache_dir
 
 INSTRUCTION = "Continue this movie review with one or two sentences.\n\n{opening}"
-GENERATOR_MODEL = "smollm2-135m"  # pairs always come from the real model, whatever is trained
+GENERATOR_MODEL = "smollm2-135m"  # the generator of the cpu preset, and of tiny (whose model is random)
 _DATA_VERSION = 1  # bump when the recipe changes, to invalidate caches
 
 
@@ -116,10 +118,33 @@ def rank_into_pairs(openings, samples, scores, min_margin: float = 0.1):
     return rows, PairReport(paired=len(rows), skipped=skipped)
 
 
-def _cache_path(openings, samples_per_prompt, max_new_tokens, seed, batch_size, bf16=False) -> Path:
+def pair_generator(preset) -> str:
+    """The model the sentiment pairs are sampled from: the preset's own (the reference), except on ``tiny``.
+
+    On-policy pairs (sampled from pi_ref) are what DPO's derivation assumes (see
+    :mod:`course_utils.pair_origin`). ``tiny``'s model is random noise, so its pairs come
+    from SmolLM2 instead: off-policy, which is fine for a test of the code path.
+    """
+    return GENERATOR_MODEL if preset.name == "tiny" else (preset.checkpoint or preset.model_name)
+
+
+def _load_generator(preset):
+    """The preset's model as it trains (4-bit on the GPU presets), placed on the GPU when there is one."""
+    from .models import load_model
+
+    if preset.name == "tiny":
+        return load_model(GENERATOR_MODEL)
+    return load_model(preset.model_name, dtype=preset.dtype, load_in_4bit=preset.load_in_4bit,
+                      checkpoint=preset.checkpoint, seed=preset.seed,
+                      device_map="auto" if torch.cuda.is_available() else None)
+
+
+def _cache_path(openings, samples_per_prompt, max_new_tokens, seed, batch_size, bf16=False,
+                generator: str = GENERATOR_MODEL, quantised: str = "") -> Path:
     # batch_size is part of the recipe: batched sampling draws random numbers in batch order
-    recipe = [_DATA_VERSION, GENERATOR_MODEL, openings, samples_per_prompt, max_new_tokens, seed, batch_size]
-    key = json.dumps(recipe + (["bf16"] if bf16 else []))  # fp32 keys unchanged: existing caches stay valid
+    recipe = [_DATA_VERSION, generator, openings, samples_per_prompt, max_new_tokens, seed, batch_size]
+    # fp32 SmolLM2 keys unchanged: existing caches stay valid
+    key = json.dumps(recipe + (["bf16"] if bf16 else []) + ([quantised] if quantised else []))
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = cache_dir() / "sentiment" / f"pairs-{digest}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,15 +152,18 @@ def _cache_path(openings, samples_per_prompt, max_new_tokens, seed, batch_size, 
 
 
 def make_pairs(openings, *, samples_per_prompt=4, max_new_tokens=40, seed=0, min_margin=0.1,
-               generator=None, batch_size=32, bf16=False, use_cache=True):
+               generator=None, batch_size=32, bf16=False, use_cache=True, preset=None):
     """Sample, score and rank completions for ``openings``; returns ``(rows, PairReport)``.
 
-    ``generator`` is ``(model, tokenizer)``; SmolLM2 is loaded when omitted. Cached
-    on disk by the recipe's parameters, so a second call returns instantly. ``bf16``:
+    ``generator`` is ``(model, tokenizer)``, or a function returning it; when omitted, ``preset``'s :func:`pair_generator`
+    is loaded (SmolLM2 without a preset). Cached on disk by the recipe's parameters (the
+    generator's name and quantisation included), so a second call returns instantly. ``bf16``:
     CPU bf16 autocast while sampling, and ``batch_size`` rows at a time; with 128 rows
     that sampled 1.75x faster than fp32 with 32 on the project's 2-core machine.
     """
-    path = _cache_path(openings, samples_per_prompt, max_new_tokens, seed, batch_size, bf16)
+    name = pair_generator(preset) if preset is not None else GENERATOR_MODEL
+    quantised = f"nf4-{preset.dtype}" if preset is not None and preset.load_in_4bit and preset.name != "tiny" else ""
+    path = _cache_path(openings, samples_per_prompt, max_new_tokens, seed, batch_size, bf16, name, quantised)
     if use_cache and path.is_file():
         record = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
         samples, scores = [r["samples"] for r in record], [r["scores"] for r in record]
@@ -143,7 +171,9 @@ def make_pairs(openings, *, samples_per_prompt=4, max_new_tokens=40, seed=0, min
         from .generation import sample_completions
         from .models import load_model
 
-        model, tokenizer = generator or load_model(GENERATOR_MODEL)
+        if callable(generator):  # loaded on first need, once for both splits (sentiment_dataset)
+            generator = generator()
+        model, tokenizer = generator or (_load_generator(preset) if preset is not None else load_model(GENERATOR_MODEL))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # bf16 matmuls, sampling in fp32
             samples = sample_completions(
                 model, tokenizer, [sentiment_prompt(o) for o in openings], num_samples=samples_per_prompt,
@@ -158,8 +188,12 @@ def make_pairs(openings, *, samples_per_prompt=4, max_new_tokens=40, seed=0, min
     return rank_into_pairs(openings, samples, scores, min_margin=min_margin)
 
 
-def sentiment_dataset(preset, generator=None, use_cache=True):
+def sentiment_dataset(preset, generator=None, use_cache=True, reference=None):
     """Train and held-out preference datasets for a preset, plus the held-out openings.
+
+    ``reference``: ``(model, tokenizer)`` of the preset's model when a lesson has it loaded
+    already; used to sample (instead of loading a second copy) unless the preset samples from
+    another model (``tiny``). ``generator`` forces a sampler whatever the preset.
 
     Returns ``(datasets.DatasetDict(train=..., test=...), held_out_openings, reports)``.
     """
@@ -168,9 +202,14 @@ def sentiment_dataset(preset, generator=None, use_cache=True):
     train_open, eval_open = split_openings(preset.train_prompts, preset.eval_prompts, seed=preset.seed)
     from .cpu import cpu_supports_bf16
 
-    kwargs = dict(samples_per_prompt=preset.samples_per_prompt, max_new_tokens=preset.max_new_tokens,
+    if generator is None and reference is not None and preset.name != "tiny":
+        generator = reference
+    if generator is None:  # one load for both splits, and none at all when both are cached
+        loaded = []
+        generator = lambda: loaded[0] if loaded else loaded.append(_load_generator(preset)) or loaded[0]  # noqa: E731
+    kwargs = dict(samples_per_prompt=preset.samples_per_prompt, max_new_tokens=preset.sentiment_new_tokens,
                   seed=preset.seed, generator=generator, use_cache=use_cache, batch_size=preset.sample_batch_size,
-                  bf16=preset.cpu_bf16 and cpu_supports_bf16())
+                  bf16=preset.cpu_bf16 and cpu_supports_bf16() and not torch.cuda.is_available(), preset=preset)
     train_rows, train_report = make_pairs(train_open, **kwargs)
     test_rows, test_report = make_pairs(eval_open, **kwargs)
     data = DatasetDict(train=Dataset.from_list(train_rows), test=Dataset.from_list(test_rows))

@@ -2,8 +2,8 @@
 
 Shared by the notebooks and the command line::
 
-    python -m course_utils.train --preset cpu --dataset sentiment
-    python -m course_utils.train --preset auto --dataset Intel/orca_dpo_pairs   # on a GPU
+    python -m course_utils.train --preset cpu                # the offline sentiment pairs
+    python -m course_utils.train --preset auto               # on a GPU: Intel/orca_dpo_pairs
 
 The reference model is never a second copy: with LoRA, TRL scores the reference by
 running the same weights with the adapter disabled (or, with
@@ -169,18 +169,25 @@ def upcast_trainable_to_fp32(model) -> list[str]:
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 
-def load_training_data(name: str, preset: Preset, tokenizer, *, on_error: str = "raise", on_long: str = "truncate"):
-    """``(train, test)`` datasets for ``--dataset``: ``sentiment``, a local file, or a hub id.
+def load_training_data(name: str, preset: Preset, tokenizer, *, on_error: str = "raise", on_long: str = "truncate",
+                       reference=None):
+    """``(train, test)`` datasets for ``--dataset``: ``auto``, ``sentiment``, a local file, or a hub id.
 
+    ``auto`` is :func:`course_utils.pair_origin.default_dataset`: Intel/orca_dpo_pairs on the
+    GPU presets, the sentiment pairs elsewhere. ``reference``: the loaded ``(model, tokenizer)``,
+    which samples the sentiment pairs when they are not cached (instead of a second copy).
     Files and hub data are checked whole, before the split, so a message names the row of
-    the file (or of the hub split) rather than of a shuffled split.
+    the file (or of the hub split) rather than of a shuffled split. The split is seeded by the
+    preset, so lesson 5 gets the same held-out pairs as lesson 4.
     """
     from . import data
+    from .pair_origin import resolve_dataset
 
+    name = resolve_dataset(name, preset)
     if name == "sentiment":
         from .sentiment import sentiment_dataset
 
-        splits, _, reports = sentiment_dataset(preset)
+        splits, _, reports = sentiment_dataset(preset, reference=reference)
         for split, report in reports.items():
             print(f"[{split}] {report.summary()}")
         return splits["train"], splits["test"]
@@ -233,7 +240,9 @@ def main(argv=None) -> dict:
     """The command line (see the module docstring); returns the final metrics."""
     parser = argparse.ArgumentParser(description="DPO-train a course model with LoRA/QLoRA.")
     parser.add_argument("--preset", default="auto", help="auto (detect), cpu, tiny, t4, a100, cuda")
-    parser.add_argument("--dataset", default="sentiment", help="sentiment, a local .json/.jsonl/.csv/.parquet, or a hub id")
+    parser.add_argument("--dataset", default="auto",
+                        help="auto (Intel/orca_dpo_pairs on a GPU preset, sentiment on cpu/tiny), sentiment, "
+                             "a local .json/.jsonl/.csv/.parquet, or a hub id")
     parser.add_argument("--output-dir", default="build/dpo", help="checkpoints, the adapter and metrics.json go here")
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--beta", type=float)
@@ -308,7 +317,8 @@ def _run(args, overrides: dict, guard: DivergenceGuard) -> dict:
     print(f"Preset {preset.name}: {preset.notes}")
     model, tokenizer = load_model(preset.model_name, dtype=preset.dtype, load_in_4bit=preset.load_in_4bit,
                                   checkpoint=preset.checkpoint, seed=preset.seed, device_map=device_map_for())
-    train, test = load_training_data(args.dataset, preset, tokenizer, on_error=args.on_error, on_long=args.on_long)
+    train, test = load_training_data(args.dataset, preset, tokenizer, on_error=args.on_error, on_long=args.on_long,
+                                     reference=(model, tokenizer))
     trainer = build_trainer(preset, model, tokenizer, train, test, output_dir=args.output_dir,
                             on_error=args.on_error, on_long=args.on_long, guard=guard)
     start = time.perf_counter()

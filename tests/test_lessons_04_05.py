@@ -14,8 +14,10 @@ import pandas as pd
 import pytest
 import torch
 
+from course_utils.checkpoints import run_dir
 from course_utils.curves import curve_summary, event_files, plot_training_curves, read_scalars, smooth
 from course_utils.precision import rounding_bound
+from course_utils.presets import get_preset
 from course_utils.report import (
     length_bias,
     plot_reward_histograms,
@@ -62,10 +64,11 @@ def test_lesson_04_timings_and_adapter(lesson_04, course_dir):
     assert (adapter / "adapter_model.safetensors").is_file() and (adapter / "adapter_config.json").is_file()
     assert json.loads((course_dir / "dpo" / "preset.json").read_text())["name"] == "tiny"
     assert lesson_04["checkpoints"] == ["checkpoint-10", "checkpoint-20"]  # save_steps=10, save_total_limit=2
+    assert lesson_04["dataset"] == "sentiment" and lesson_04["pairs_on_policy"] is False  # tiny: SmolLM2's pairs
 
 
 def test_lesson_04_event_files_hold_every_step(lesson_04, course_dir):
-    curves = read_scalars(course_dir / "dpo" / "runs")  # newest run
+    curves = read_scalars(run_dir(course_dir, get_preset("tiny")) / "runs")  # newest run
     assert len(curves) == lesson_04["steps"]
     assert curves["loss"].iloc[0] == pytest.approx(lesson_04["first_loss"], abs=1e-6)
     assert {"rewards/accuracies", "rewards/margins", "logps/chosen", "grad_norm"} <= set(curves.columns)
