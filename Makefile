@@ -8,13 +8,14 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: install browser course course-tiny dpo-job bench test clean help
+.PHONY: install browser course course-tiny dpo-job bench gpu-check test clean help
 
 help:
 	@echo "make course      - install everything and execute all lessons on the CPU default (SmolLM2-135M-Instruct)"
 	@echo "make course-tiny - the same on the tiny random model (minutes)"
 	@echo "make dpo-job     - the end-to-end DPO job without notebooks (data -> train -> evaluate)"
 	@echo "make bench       - DPO training speed: TRL defaults vs the cpu preset -> build/bench.json"
+	@echo "make gpu-check   - on one H100/H200: t4/a100 presets' memory and step time vs predictions -> build/gpu_check.json"
 	@echo "make test        - install if needed and run all tests"
 	@echo "make browser     - install Debian's chromium if missing (the chat-demo test drives it)"
 
@@ -51,6 +52,11 @@ dpo-job: install
 # interleaved runs of TRL's defaults and the cpu preset, plus one lever undone at a time (~15 min on 2 cores)
 bench: install
 	$(PY) benchmarks/bench_dpo.py --output build/bench.json
+
+# t4 (fp16, capped to a T4's 15 GiB) and a100 (bf16) presets at two lengths each, then save/resume/evaluate;
+# exits 1 if a peak is >15% off its prediction, 2 (at once) without a CUDA GPU. Meant for <= 8 min on an H100/H200.
+gpu-check: install
+	$(PY) benchmarks/gpu_check.py --output build/gpu_check.json
 
 test: install browser
 	$(PY) -m pytest
