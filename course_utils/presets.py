@@ -375,11 +375,29 @@ def explain_fit(preset: Preset, gpu, shape: ModelShape | None = None) -> str:
              f"{'on' if preset.gradient_checkpointing else 'off'} (predicted, not measured)", pred.table(),
              f"  {'usable GPU memory':<34}{memory:8.2f} GiB -> {'fits' if pred.fits(memory) else 'does NOT fit'}"]
     if isinstance(gpu, GPU) and (shape or SHAPES.get(preset.model_name)):
-        sec = predict_step_seconds(shape or SHAPES[preset.model_name], seq_len=preset.max_length,
-                                   pairs=preset.per_device_batch_size,
-                                   gradient_accumulation_steps=preset.gradient_accumulation_steps, gpu=gpu,
-                                   gradient_checkpointing=preset.gradient_checkpointing, lora_r=preset.lora_r,
-                                   reference="precomputed" if preset.precompute_ref_log_probs else "adapter_disabled",
-                                   compute_dtype=preset.dtype)
+        sec = predicted_step_seconds(preset, gpu, shape)
         lines.append(f"  {'seconds per optimiser step':<34}{sec:8.1f} s  (assumed {gpu.mfu:.0%} of {gpu.name} peak)")
+        lines.append(f"  {f'training, {preset.max_steps} steps':<34}{sec * preset.max_steps / 60:8.0f} min (every pair "
+                     f"at max_length: real pairs are shorter)")
     return "\n".join(lines)
+
+
+def predicted_step_seconds(preset: Preset, gpu, shape: ModelShape | None = None) -> float:
+    """Seconds per optimiser step of ``preset`` on ``gpu`` (a :data:`GPUS` key or a ``GPU``), every pair at max_length.
+
+    A prediction (:func:`course_utils.gpu_budget.predict_step_seconds`, assumed utilisation), not a measurement.
+    """
+    gpu = GPUS[gpu] if isinstance(gpu, str) else gpu
+    return predict_step_seconds(shape or SHAPES[preset.model_name], seq_len=preset.max_length,
+                                pairs=preset.per_device_batch_size,
+                                gradient_accumulation_steps=preset.gradient_accumulation_steps, gpu=gpu,
+                                gradient_checkpointing=preset.gradient_checkpointing, lora_r=preset.lora_r,
+                                reference="precomputed" if preset.precompute_ref_log_probs else "adapter_disabled",
+                                compute_dtype=preset.dtype)
+
+
+def predicted_training_minutes(name: str, gpu_name: str, **overrides) -> float:
+    """Lesson 4's training time for preset ``name`` fitted to ``gpu_name``: the README's GPU minutes come from here."""
+    gpu = GPUS[gpu_name]
+    preset = fit_to_gpu(get_preset(name, **overrides), gpu.memory_gib, verbose=False)
+    return predicted_step_seconds(preset, gpu) * preset.max_steps / 60
