@@ -17,6 +17,10 @@ trained against - and merge there.
 
     report = merge_adapter("tiny", "build/course/dpo/adapter", "build/course/merged")
     compare_logits(report.model, peft_model, report.tokenizer, ["Hello!"])  # ~1e-6
+
+On a 16 GB T4 the merged float16 Mistral-7B (14.5 GB) fits neither the GPU next to anything nor
+free Colab's ~12.7 GB of RAM: ``merge_adapter(..., by_layer=True)`` merges one layer at a time
+and writes shards as they fill (:func:`save_merged_by_layer`), never holding the whole model.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from .generation import chat_prompt
 from .models import SMOLLM2_HUB_ID, _to_dtype, load_model
 
 MERGE_INFO_FILE = "merge_info.json"
+MAX_SHARD_BYTES = 10**9  # merged weights go to disk in shards of at most 1 GB, one at a time (free Colab: ~12.7 GB RAM)
 
 
 @dataclass
@@ -41,7 +46,7 @@ class MergeReport:
     """What :func:`merge_adapter` made."""
 
     output_dir: Path  # a plain transformers checkpoint (safetensors + tokenizer + chat template)
-    model: Any  # the merged model, still in memory
+    model: Any  # the merged model, still in memory; None when merged by_layer (it exists on disk only)
     tokenizer: Any
     dequantized: bool  # True when the base was 4-bit and was dequantised before merging
     dtype: str  # dtype of the saved weights
@@ -153,7 +158,8 @@ def load_base(base_name_or_path: str, *, preset=None, dtype=None, load_in_4bit: 
 
 
 def merge_adapter(base_name_or_path: str, adapter_dir, output_dir, *, preset=None, dtype=None,
-                  load_in_4bit: bool | None = None) -> MergeReport:
+                  load_in_4bit: bool | None = None, by_layer: bool = False,
+                  max_shard_bytes: int = MAX_SHARD_BYTES) -> MergeReport:
     """Merge the LoRA adapter in ``adapter_dir`` into its base and save a plain checkpoint.
 
     Args:
@@ -166,6 +172,9 @@ def merge_adapter(base_name_or_path: str, adapter_dir, output_dir, *, preset=Non
         load_in_4bit: whether the adapter was trained on a 4-bit base (default: the preset's).
             True: load the base in NF4 exactly as in training, dequantise, then merge - the merged
             model computes what the trained model computed. False: merge into the original weights.
+        by_layer: never hold the whole merged model: merge and write it one layer at a time
+            (:func:`save_merged_by_layer`); the report's ``model`` is then None. Same weights, bit for bit.
+        max_shard_bytes: the largest safetensors file written (the RAM one shard needs).
     """
     from peft import PeftModel
 
@@ -176,25 +185,33 @@ def merge_adapter(base_name_or_path: str, adapter_dir, output_dir, *, preset=Non
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"No LoRA adapter in {adapter_dir} (adapter_config.json missing).")
 
+    if Path(base_name_or_path).resolve() == output_dir.resolve():
+        raise ValueError(f"output_dir {output_dir} is the base model's own folder: merge into a new one")
     base, tokenizer = load_base(base_name_or_path, preset=preset, dtype=dtype, load_in_4bit=four_bit)
-    if four_bit:
-        base = dequantize_4bit_model(base, dtype)  # never merge into NF4: see the module docstring
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.eval()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _remove_weight_files(output_dir)  # a previous merge may have written other shards
+    if by_layer:  # NF4 stays packed; each layer is dequantised only while it is merged
+        merged = None
+        save_merged_by_layer(PeftModel.from_pretrained(base, str(adapter_dir)), output_dir, dtype,
+                             max_shard_bytes=max_shard_bytes)
+    else:
+        if four_bit:
+            base = dequantize_4bit_model(base, dtype)  # never merge into NF4: see the module docstring
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        merged.eval()
+        merged.save_pretrained(str(output_dir), safe_serialization=True, max_shard_size=max_shard_bytes)
     if (adapter_dir / "tokenizer_config.json").is_file():  # the tokenizer training used, chat template included
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(str(output_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(output_dir))
+    method = "dequantize NF4 -> merge_and_unload" if four_bit else "merge_and_unload"
     info = {
         "base": fields.get("checkpoint") or {"smollm2-135m": SMOLLM2_HUB_ID}.get(base_name_or_path, base_name_or_path),
         "adapter_dir": str(adapter_dir),
         "dtype": str(dtype).replace("torch.", ""),
         "base_was_4bit": four_bit,
-        "method": "dequantize NF4 -> merge_and_unload" if four_bit else "merge_and_unload",
+        "method": method + (", layer by layer" if by_layer else ""),
         "preset": fields.get("name"),
         "lora": {k: v for k, v in json.loads((adapter_dir / "adapter_config.json").read_text()).items()
                  if k in ("r", "lora_alpha", "target_modules", "use_dora", "use_rslora")},
@@ -203,6 +220,110 @@ def merge_adapter(base_name_or_path: str, adapter_dir, output_dir, *, preset=Non
     (output_dir / MERGE_INFO_FILE).write_text(json.dumps(info, indent=2))
     (output_dir / "README.md").write_text(_model_card(info), encoding="utf-8")
     return MergeReport(output_dir, merged, tokenizer, four_bit, info["dtype"], info)
+
+
+def save_merged_by_layer(peft_model, output_dir, dtype, *, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+    """Write ``peft_model`` with its LoRA merged as a plain checkpoint, one weight at a time.
+
+    Each LoRA-wrapped linear becomes ``W' = W + (alpha / r) B @ A`` (Eq. 3 of Hu et al., 2021),
+    shape ``(out_features, in_features)``, computed on the layer's own device exactly as
+    :func:`dequantize_4bit_model` + ``merge_and_unload()`` would (NF4 weights dequantised, the
+    update added by peft's own ``get_delta_weight``), then moved to the CPU. Weights are grouped
+    into safetensors shards of at most ``max_shard_bytes``; each shard is written and dropped
+    before the next is made. ``peft_model`` itself is not changed. Returns the files written.
+    """
+    import copy
+
+    from safetensors.torch import save_file
+
+    dtype, output_dir = _to_dtype(dtype), Path(output_dir)
+    model = peft_model.get_base_model()
+    specs = _merged_weight_specs(model, dtype)
+    shards, size = [[]], 0
+    for name, nbytes, make in specs:  # greedy, in state-dict order
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, make))
+        size += nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for filename, shard in zip(names, shards):
+        tensors = {name: make() for name, make in shard}  # only this shard is ever in RAM
+        save_file(tensors, str(output_dir / filename), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, filename))
+        del tensors
+    if len(names) > 1:
+        index = {"metadata": {"total_size": sum(n for _, n, _ in specs)}, "weight_map": weight_map}
+        (output_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    config = copy.deepcopy(model.config)  # as save_pretrained writes it, without the quantisation
+    config.__dict__.pop("quantization_config", None)
+    config.dtype = str(dtype).replace("torch.", "")
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(str(output_dir))
+    if model.can_generate():
+        model.generation_config.save_pretrained(str(output_dir))
+    return names
+
+
+def _merged_weight_specs(model, dtype) -> list[tuple[str, int, Any]]:
+    """``(state-dict name, bytes, make)`` of every tensor of the merged model; ``make()`` builds it on the CPU.
+
+    Names are those of the merged ``state_dict()``: a LoRA layer's merged weight under the layer's
+    name, no adapters, a tied weight once (under its first name, as save_pretrained keeps it).
+    """
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+
+    specs, seen, inside = [], set(), None
+    for prefix, module in model.named_modules():
+        if inside is not None and prefix.startswith(inside):
+            continue  # base_layer, lora_A, lora_B, dropout: folded into the merged weight
+        inside = None
+        if isinstance(module, (LoraLayer, bnb.nn.Linear4bit)):  # a 4-bit linear without LoRA is dequantised too
+            inside, lora = prefix + ".", module if isinstance(module, LoraLayer) else None
+            base = lora.get_base_layer() if lora is not None else module
+            specs.append((prefix + ".weight", base.out_features * base.in_features * dtype.itemsize,
+                          lambda base=base, lora=lora: _merged_linear_weight(base, lora, dtype)))
+        skip = {"weight"} if inside else set()  # replaced by the merged weight; a bias is saved as it is
+        module = base if inside else module
+        persistent = {k: v for k, v in module._buffers.items() if k not in module._non_persistent_buffers_set}
+        for name, tensor in [*module._parameters.items(), *persistent.items()]:
+            if tensor is None or name in skip or id(tensor) in seen:
+                continue  # a tied weight is saved once (SmolLM2's LM head is its embedding matrix)
+            seen.add(id(tensor))
+            cast = dtype if tensor.is_floating_point() else tensor.dtype
+            specs.append((f"{prefix}.{name}" if prefix else name, tensor.numel() * cast.itemsize,
+                          lambda tensor=tensor, cast=cast: tensor.detach().to("cpu", cast).contiguous()))
+    return specs
+
+
+@torch.no_grad()
+def _merged_linear_weight(base, lora, dtype) -> torch.Tensor:
+    """``W + (alpha / r) B @ A`` for each active adapter of ``lora`` (None: just ``W``), in ``dtype``, on the CPU."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    adapters = [a for a in lora.active_adapters if a in lora.lora_A] if lora is not None else []
+    if adapters and (lora.fan_in_fan_out or any(lora.lora_variant.get(a) for a in adapters)):
+        raise NotImplementedError("by_layer merges plain LoRA only (no DoRA, no fan_in_fan_out)")
+    if isinstance(base, bnb.nn.Linear4bit):
+        _unpack_cpu_4bit(base)
+        weight = dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)  # as dequantize_4bit_model
+    else:
+        weight = base.weight.detach().to(dtype, copy=True)
+    for adapter in adapters:
+        weight += lora.get_delta_weight(adapter)  # what merge_and_unload adds, in the same precision
+    return weight.cpu()
+
+
+def _remove_weight_files(folder: Path) -> None:
+    """Delete the weight files (single or sharded safetensors and their index) of an earlier merge."""
+    for path in folder.glob("model*.safetensors*"):
+        if path.is_file():
+            path.unlink()
 
 
 def _versions() -> dict:
@@ -254,8 +375,15 @@ def prompt_logits(model, tokenizer, prompts) -> torch.Tensor:
 
 
 def compare_logits(model_a, model_b, tokenizer, prompts) -> float:
-    """Largest ``|logits_a - logits_b|`` over all real tokens of ``prompts`` (see :func:`prompt_logits`)."""
-    a, b = prompt_logits(model_a, tokenizer, prompts), prompt_logits(model_b, tokenizer, prompts)
+    """Largest ``|logits_a - logits_b|`` over all real tokens of ``prompts`` (see :func:`prompt_logits`).
+
+    ``model_b`` may also be logits that :func:`prompt_logits` returned earlier for the same prompts:
+    a model that is no longer in memory can still be compared with.
+    """
+    a = prompt_logits(model_a, tokenizer, prompts)
+    b = model_b if isinstance(model_b, torch.Tensor) else prompt_logits(model_b, tokenizer, prompts)
+    if a.shape != b.shape:
+        raise ValueError(f"logits of shape {tuple(a.shape)} and {tuple(b.shape)}: not the same prompts")
     return (a - b).abs().max().item()
 
 

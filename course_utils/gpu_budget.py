@@ -95,6 +95,32 @@ TINY = ModelShape(64, 128, 2, 4, 2, 49152, tie_embeddings=True)  # models.TINY_S
 SHAPES = {"mistral-7b": MISTRAL_7B, "smollm2-135m": SMOLLM2_135M, "tiny": TINY}  # by Preset.model_name
 
 
+def shape_of(model_name: str) -> ModelShape | None:
+    """The shape of a course model name, or of a local model folder (its ``config.json``); None if unknown."""
+    if model_name in SHAPES:
+        return SHAPES[model_name]
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    config = Path(model_name) / "config.json"
+    return ModelShape.from_config(SimpleNamespace(**json.loads(config.read_text()))) if config.is_file() else None
+
+
+def nf4_bytes(numel: int, double_quant: bool = True) -> int:
+    """Bytes of one bitsandbytes ``Linear4bit`` weight of ``numel`` entries, quantisation state included.
+
+    NF4 packs two 4-bit codes per byte and keeps one absmax per block of 64 weights. Double
+    quantisation (QLoRA) stores those absmaxes as uint8 with one fp32 scale per 256 of them, plus
+    its 256-entry fp32 code table and an fp32 offset; the 16 NF4 levels are one more fp32 table.
+    Checked against a real ``Linear4bit`` in ``tests/test_gpu_budget.py``.
+    """
+    blocks = -(-numel // 64)
+    if not double_quant:
+        return numel // 2 + 4 * blocks + 4 * 16
+    return numel // 2 + blocks + 4 * -(-blocks // 256) + 4 * 256 + 4 + 4 * 16
+
+
 def _targets(targets) -> set[str]:
     # peft's "all-linear" is every linear except the output layer
     return set(LORA_LINEARS) if targets == "all-linear" else set(targets)
@@ -343,7 +369,7 @@ def _reference(preset) -> str:
 
 def preset_memory(preset, shape: ModelShape | None = None) -> MemoryPrediction:
     """:func:`predict_memory` for a :class:`~course_utils.presets.Preset` (its fields, its model)."""
-    shape = shape or SHAPES.get(preset.model_name)
+    shape = shape or shape_of(preset.model_name)
     if shape is None:
         raise KeyError(f"no shape known for model {preset.model_name!r}; pass shape=ModelShape.from_config(...)")
     return predict_memory(shape, seq_len=preset.max_length, pairs_per_device=preset.per_device_batch_size,

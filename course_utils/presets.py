@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .gpu_budget import GPU, GPUS, SHAPES, MemoryPrediction, ModelShape, predict_step_seconds, preset_memory
+from .gpu_budget import GPU, GPUS, SHAPES, MemoryPrediction, ModelShape, predict_step_seconds, preset_memory, shape_of
 from .models import MISTRAL_DEFAULT_CHECKPOINT
 
 
@@ -374,7 +374,7 @@ def explain_fit(preset: Preset, gpu, shape: ModelShape | None = None) -> str:
              f"{preset.gradient_accumulation_steps} accumulation, gradient checkpointing "
              f"{'on' if preset.gradient_checkpointing else 'off'} (predicted, not measured)", pred.table(),
              f"  {'usable GPU memory':<34}{memory:8.2f} GiB -> {'fits' if pred.fits(memory) else 'does NOT fit'}"]
-    if isinstance(gpu, GPU) and (shape or SHAPES.get(preset.model_name)):
+    if isinstance(gpu, GPU) and (shape or shape_of(preset.model_name)):
         sec = predicted_step_seconds(preset, gpu, shape)
         lines.append(f"  {'seconds per optimiser step':<34}{sec:8.1f} s  (assumed {gpu.mfu:.0%} of {gpu.name} peak)")
         lines.append(f"  {f'training, {preset.max_steps} steps':<34}{sec * preset.max_steps / 60:8.0f} min (every pair "
@@ -388,7 +388,7 @@ def predicted_step_seconds(preset: Preset, gpu, shape: ModelShape | None = None)
     A prediction (:func:`course_utils.gpu_budget.predict_step_seconds`, assumed utilisation), not a measurement.
     """
     gpu = GPUS[gpu] if isinstance(gpu, str) else gpu
-    return predict_step_seconds(shape or SHAPES[preset.model_name], seq_len=preset.max_length,
+    return predict_step_seconds(shape or shape_of(preset.model_name), seq_len=preset.max_length,
                                 pairs=preset.per_device_batch_size,
                                 gradient_accumulation_steps=preset.gradient_accumulation_steps, gpu=gpu,
                                 gradient_checkpointing=preset.gradient_checkpointing, lora_r=preset.lora_r,

@@ -236,3 +236,168 @@ def test_gpu_validate_exits_with_a_clear_message_without_cuda():
     spec.loader.exec_module(module)
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         module.main(["--steps", "2"])
+
+
+# --- lesson 6: the memory of merging, reloading and serving (course_utils.merge_budget) ----------------------
+
+
+def _quantised_bytes(weight) -> int:
+    """Bytes bitsandbytes keeps for one Linear4bit weight: packed codes + every tensor of its quant state."""
+    qs = weight.quant_state
+    tensors = [weight.data, qs.absmax, qs.code] + ([qs.offset, qs.state2.absmax, qs.state2.code] if qs.nested else [])
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@pytest.mark.parametrize("in_features, out_features", [(64, 128), (576, 1536), (4096, 1024)])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_bytes_equal_a_real_bitsandbytes_linear4bit(in_features, out_features, double_quant):
+    import bitsandbytes as bnb
+
+    from course_utils.gpu_budget import nf4_bytes
+
+    layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.float16, quant_type="nf4",
+                              compress_statistics=double_quant)
+    layer.weight.data = torch.randn(out_features, in_features, dtype=torch.float16)
+    layer = layer.to("cpu")  # quantises on the move, as from_pretrained does on the GPU
+    assert layer.weight.dtype == torch.uint8 and layer.weight.quant_state.nested == double_quant
+    assert _quantised_bytes(layer.weight) == nf4_bytes(in_features * out_features, double_quant)
+
+
+def test_model_bytes_equal_real_models_in_float16_and_nf4():
+    """Float weights against a real Mistral-7B on the meta device; NF4 against the real 4-bit tiny model."""
+    from transformers import AutoModelForCausalLM
+
+    from course_utils.gpu_budget import GIB, TINY
+    from course_utils.merge_budget import base_bytes
+    from course_utils.models import load_model
+
+    with torch.device("meta"):
+        mistral = AutoModelForCausalLM.from_config(_mistral_config(), dtype=torch.float16)
+    fp16 = sum(p.numel() * p.element_size() for p in mistral.parameters())
+    assert base_bytes(MISTRAL_7B, "float16", nf4=False) == fp16
+    assert 13.4 < fp16 / GIB < 13.6  # the merged model of lesson 6 on a T4: 14.5 GB
+
+    tiny, _ = load_model("tiny", load_in_4bit=True, dtype="float16")
+    assert ModelShape.from_config(tiny.config) == TINY
+    linears = [m.weight for m in tiny.modules() if type(m).__name__ == "Linear4bit"]
+    others = sum(p.numel() * p.element_size() for p in tiny.parameters() if p.dtype != torch.uint8)  # tied once
+    assert len(linears) == 7 * TINY.num_layers
+    assert base_bytes(TINY, "float16", nf4=True) == others + sum(_quantised_bytes(w) for w in linears)
+    tiny16, _ = load_model("tiny", dtype="float16")
+    assert base_bytes(TINY, "float16", nf4=False) == sum(p.numel() * p.element_size() for p in tiny16.parameters())
+
+
+def test_adapter_bytes_equal_peft_loading_a_half_precision_adapter_in_fp32(tmp_path):
+    """peft upcasts a bf16/fp16 adapter to fp32 when it loads it onto a 4-bit base (autocast_adapter_dtype)."""
+    from peft import PeftModel, get_peft_model
+
+    from course_utils.gpu_budget import TINY
+    from course_utils.merge_budget import adapter_bytes
+    from course_utils.models import load_model, lora_config
+
+    trained = get_peft_model(load_model("tiny")[0], lora_config(r=8, alpha=16, dropout=0.0))
+    for name, param in trained.named_parameters():  # as a bf16 run saves them
+        if "lora_" in name:
+            param.data = param.data.to(torch.bfloat16)
+    trained.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(load_model("tiny", load_in_4bit=True, dtype="float16")[0], str(tmp_path))
+    lora = [p for n, p in loaded.named_parameters() if "lora_" in n]
+    assert {p.dtype for p in lora} == {torch.float32}
+    assert adapter_bytes(TINY, 8) == sum(p.numel() * p.element_size() for p in lora)
+
+
+def test_kv_cache_bytes_equal_the_cache_transformers_builds():
+    from course_utils.gpu_budget import TINY
+    from course_utils.merge_budget import kv_cache_bytes
+    from course_utils.models import load_model
+
+    model, _ = load_model("tiny")
+    with torch.no_grad():
+        cache = model(torch.randint(0, 1000, (1, 37)), use_cache=True).past_key_values
+    layers = cache.layers
+    stored = sum(t.numel() * t.element_size() for layer in layers for t in (layer.keys, layer.values))
+    assert stored == kv_cache_bytes(TINY, 37, "float32")
+
+
+def test_device_map_placement_matches_transformers_own_auto_device_map():
+    """The T4 reload: what infer_auto_device_map puts on the CPU when 90% of 14.25 GiB free may hold weights."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.accelerate import infer_auto_device_map
+
+    from course_utils.gpu_budget import GIB
+    from course_utils.merge_budget import PLAN_FRACTION, device_map_offload
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(_mistral_config(), dtype=torch.float16)
+    free = (15.0 - 0.75) * GIB
+    device_map = infer_auto_device_map(model, max_memory={0: int(PLAN_FRACTION * free), "cpu": 100 * GIB},
+                                       no_split_module_classes=model._no_split_modules)
+    params = dict(model.named_parameters())
+    on_cpu = sum(p.numel() * p.element_size() for n, p in params.items()
+                 if next(v for k, v in device_map.items() if n == k or n.startswith(k + ".") or k == "") == "cpu")
+    on_gpu, predicted_cpu = device_map_offload(MISTRAL_7B, "float16", free)
+    assert predicted_cpu == on_cpu and on_gpu + on_cpu == sum(p.numel() * 2 for p in params.values())
+    assert 0.5 * GIB < on_cpu < 2 * GIB  # a couple of decoder layers and the LM head: slower, but it loads
+
+
+def _plan(preset, gpu, **kw):
+    from course_utils.merge_budget import lesson6_plan
+
+    return lesson6_plan(get_preset(preset), gpu, **kw)
+
+
+@pytest.mark.parametrize("gpu", ["T4", T4, Runtime(cuda=True, device_name="Tesla T4", capability=(7, 5),
+                                                    memory_gb=14.75)])  # 14.75: what torch reports on Colab
+def test_t4_plan_frees_the_policy_merges_by_layer_and_turns_the_demo_off(gpu):
+    from course_utils.gpu_budget import GIB
+    from course_utils.merge_budget import base_bytes
+
+    plan = _plan("t4", gpu)
+    assert not plan.keep_policy and plan.merge_by_layer  # 4 GiB policy + 13.5 GiB merged model > 15 GiB
+    assert not plan.demo_fits and plan.demo_frees_merged and "off by default" in plan.demo_reason
+    assert plan.free_merged_before_chat
+    assert all(step.fits for step in plan.steps.values())  # with those frees, every step fits
+    merge, reload = plan.steps["merge"], plan.steps["reload merged"]
+    assert merge.parts["policy (kept)"] == 0 and merge.peak_gib < 6  # the NF4 base and one layer, not 13.5 GiB
+    assert reload.offload_gib > 0 and reload.parts["merged model"] + reload.offload_gib == pytest.approx(
+        base_bytes(MISTRAL_7B, "float16", False) / GIB)
+    # the in-memory merge, and the demo next to the merged model, are what would not have fitted
+    keep_all = _plan("t4", gpu, low_memory=False)
+    assert keep_all.steps["merge"].peak_gib > plan.usable_gib and not keep_all.steps["merge"].fits
+    assert keep_all.steps["NF4 demo"].peak_gib > plan.usable_gib
+    assert "PREDICTED" in plan.table() and "not measured" in plan.table()
+
+
+@pytest.mark.parametrize("gpu", ["A100-40GB", "A100-80GB", "H100-80GB"])
+def test_a100_class_plan_keeps_everything_loaded(gpu):
+    plan = _plan("a100", gpu)
+    assert plan.keep_policy and not plan.merge_by_layer and plan.demo_fits
+    assert not plan.demo_frees_merged and not plan.free_merged_before_chat
+    assert plan.steps["merge"].parts["policy (kept)"] > 3.5 and plan.steps["reload merged"].offload_gib == 0
+    assert max(s.peak_gib for s in plan.steps.values()) < plan.limit_gib
+
+
+@pytest.mark.parametrize("preset", ["cpu", "tiny"])
+def test_cpu_plan_frees_nothing_unless_asked(preset):
+    for gpu in (None, Runtime(cuda=False)):
+        plan = _plan(preset, gpu)
+        assert plan.device == "CPU" and plan.usable_gib is None
+        assert plan.keep_policy and not plan.merge_by_layer and plan.demo_fits and not plan.free_merged_before_chat
+        assert all(s.fits is None for s in plan.steps.values()) and "no CUDA context" in plan.table()
+    low = _plan(preset, None, low_memory=True)  # the T4 path, as CI runs it on tiny
+    assert not low.keep_policy and low.merge_by_layer and low.demo_frees_merged and low.free_merged_before_chat
+
+
+def test_plan_weights_are_the_arithmetic_of_the_shapes():
+    """Mistral-7B: NF4 policy = 4-bit linears + fp16 embeddings/head/norms + fp32 LoRA; merged = 2 bytes a weight."""
+    from course_utils.gpu_budget import CUDA_CONTEXT_GIB, GIB, nf4_bytes
+
+    plan = _plan("t4", "T4")
+    linears = MISTRAL_7B.num_layers * sum(nf4_bytes(a * b) for a, b in MISTRAL_7B.linears().values())
+    policy = (linears + 2 * MISTRAL_7B.other_parameters() + 4 * MISTRAL_7B.lora_parameters(16)) / GIB
+    load = plan.steps["load policy"]
+    assert load.parts["policy: base + adapter"] == pytest.approx(policy) and 3.9 < policy < 4.1
+    assert load.peak_gib == pytest.approx(CUDA_CONTEXT_GIB + policy + 1.1 * load.parts["forward over the prompts"])
+    # the NF4 count agrees with the training model's (predict_memory): the per-layer code tables aside
+    train = predict_memory(MISTRAL_7B, seq_len=512, pairs_per_device=1, **QLORA)
+    assert train.components["quantised linear weights"] == pytest.approx(linears / GIB, rel=1e-4)
