@@ -24,14 +24,17 @@ a dataset uses the same one:
        "rejected": [{"role": "assistant", "content": "Go away."}]}
 
 :func:`validate_preferences` checks rows against this schema; every loader here
-(:func:`load_preference_file`, :func:`load_hub_preferences`, :func:`load_orca_dpo_pairs`)
-returns a validated ``datasets.Dataset`` with exactly these three columns.
+(:func:`load_preferences`, :func:`load_preference_file`, :func:`load_hub_preferences`,
+:func:`load_orca_dpo_pairs`) returns a validated ``datasets.Dataset`` with exactly these
+three columns. :func:`load_preferences` is the one to start with: it takes a file, a folder
+or a hub id in any layout of :mod:`course_utils.layouts` and says what it converted.
 :func:`length_stats` (from :mod:`course_utils.templates`) counts their tokens as TRL does.
 """
 
 from __future__ import annotations
 
 import difflib
+import gzip
 import io
 import json
 import warnings
@@ -43,6 +46,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 from course_utils.templates import completion_end, length_stats  # noqa: F401 (length_stats: re-exported)
 
 FIELDS = ("prompt", "chosen", "rejected")
+FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")  # each also gzipped (.jsonl.gz)
 ROLES = ("system", "user", "assistant")
 ORCA_ID = "Intel/orca_dpo_pairs"
 ON_ERROR = ("raise", "drop")
@@ -53,7 +57,8 @@ class PreferenceDataError(ValueError):
 
     ``kind`` is a short code for the problem, which :class:`DropReport` counts by. Rows:
     not_a_dict, missing_field, null, wrong_type, undecodable, empty_text, bad_message,
-    mixed_format, identical, format_mismatch, invalid_json; and, from the length rule of
+    mixed_format, identical, prompt_repeated, format_mismatch, invalid_json; from
+    :mod:`course_utils.layouts`, unparsable_messages and prompt_mismatch; and, from the length rule of
     :mod:`course_utils.prepare`, too_long, identical_after_truncation, truncated. Files:
     unreadable, empty_file, missing_column.
     """
@@ -217,7 +222,20 @@ def _check_row(row: Any) -> tuple[dict, str]:
     if _normalized(clean["chosen"]) == _normalized(clean["rejected"]):
         raise PreferenceDataError("identical to 'chosen' (after stripping whitespace)", field="rejected",
                                   kind="identical")
+    if formats["prompt"] == "plain text":
+        _check_prompt_not_repeated(clean)
     return clean, formats["prompt"]
+
+
+def _check_prompt_not_repeated(row: dict) -> None:
+    """An answer holding its whole prompt (hh-rlhf with a prompt column added) would train on the prompt twice."""
+    prompt = row["prompt"].strip()
+    for name in ("chosen", "rejected"):
+        answer = row[name].lstrip()
+        if answer.startswith(prompt) or (len(prompt) >= 20 and prompt in answer):
+            raise PreferenceDataError("the answer repeats its whole prompt, so TRL would train on the prompt twice; "
+                                      "keep only the answer here, or drop the 'prompt' column and let "
+                                      "load_preferences extract it", field=name, kind="prompt_repeated")
 
 
 def _validate(items: Iterable[tuple[int, Any]], on_error: str, source: str | None) -> ValidationResult:
@@ -315,7 +333,7 @@ def _read_json(text: str, source: str) -> list[tuple[int, Any]]:
     return list(enumerate(data))
 
 
-def _read_table(data: bytes, source: str, suffix: str) -> list[tuple[int, Any]]:
+def _read_table(data: bytes, source: str, suffix: str, require: bool = True) -> tuple[list, list[tuple[int, Any]]]:
     try:
         if suffix == ".csv":
             import pandas as pd
@@ -333,20 +351,21 @@ def _read_table(data: bytes, source: str, suffix: str) -> list[tuple[int, Any]]:
     except Exception as err:  # pandas and pyarrow raise many types for a corrupt file
         raise PreferenceDataError(f"cannot parse as {suffix[1:].upper()}: {err}", source=source,
                                   kind="unreadable") from err
-    _require_columns(columns, source)
-    return list(enumerate(rows))
+    if require:
+        _require_columns(columns, source)
+    return columns, list(enumerate(rows))
 
 
-def _require_columns(columns: list[str], source: str) -> None:
-    for name in (name for name in FIELDS if name not in columns):
+def _require_columns(columns: list[str], source: str, names: Iterable[str] = FIELDS) -> None:
+    for name in (name for name in names if name not in columns):
         raise PreferenceDataError(_missing(name, columns, "column"), source=source, field=name, kind="missing_column")
 
 
 def load_preference_file(path: str | Path, on_error: str = "raise"):
-    """Load a local ``.json``, ``.jsonl``, ``.csv`` or ``.parquet`` file as a validated Dataset.
+    """Load a local ``.json``, ``.jsonl``, ``.csv`` or ``.parquet`` file (or ``.gz``) in the canonical layout.
 
     ``.json`` holds a list of rows, ``{"data": [...]}``, or JSON lines. CSV holds plain-text
-    rows only. Row errors follow ``on_error`` (see :func:`validate_preferences`); problems
+    rows only (:func:`load_preferences` also reads message lists exported to CSV, and other layouts). Row errors follow ``on_error`` (see :func:`validate_preferences`); problems
     with the file itself (missing, empty, unparsable, a missing column, no valid row left)
     always raise :class:`PreferenceDataError` naming the path.
     """
@@ -354,34 +373,46 @@ def load_preference_file(path: str | Path, on_error: str = "raise"):
     return _finish(validate_preferences(read_preference_rows(path), on_error, str(path)), str(path))
 
 
-def read_preference_rows(path: str | Path) -> list:
+def _file_suffix(path: Path) -> str:
+    """``.jsonl`` for ``x.jsonl`` and ``x.jsonl.gz``."""
+    return Path(path.stem).suffix.lower() if path.suffix.lower() == ".gz" else path.suffix.lower()
+
+
+def read_preference_rows(path: str | Path, require_columns: bool = True) -> list:
     """The rows of a preference file, unvalidated, in file order (row ``i`` is element ``i``).
 
     A row that could not even be parsed (a truncated JSON line) is a
     :class:`PreferenceDataError` in the list, so :func:`validate_preferences` reports it with
     the others. Problems with the whole file raise (see :func:`load_preference_file`).
+    ``require_columns=False`` accepts any columns (for :mod:`course_utils.layouts` to convert).
     """
-    path, source = Path(path), str(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".json", ".jsonl", ".csv", ".parquet"):
-        raise PreferenceDataError(f"unsupported file type {suffix!r}; use .json, .jsonl, .csv or .parquet",
-                                  source=source, kind="unreadable")
+    return _read_file(Path(path), require_columns)[1]
+
+
+def _read_file(path: Path, require_columns: bool = True) -> tuple[list[str] | None, list]:
+    """``(columns or None for JSON, rows)`` of a preference file; see :func:`read_preference_rows`."""
+    source, suffix = str(path), _file_suffix(path)
+    if suffix not in FILE_SUFFIXES:
+        raise PreferenceDataError(f"unsupported file type {path.suffix.lower()!r}; use .json, .jsonl, .csv or "
+                                  ".parquet (or the same gzipped, .jsonl.gz)", source=source, kind="unreadable")
     try:
         data = path.read_bytes()
-    except OSError as err:
-        raise PreferenceDataError(f"cannot read file: {err.strerror or err}", source=source,
+        if path.suffix.lower() == ".gz":
+            data = gzip.decompress(data)
+    except (OSError, EOFError) as err:  # gzip raises BadGzipFile (an OSError) or EOFError when truncated
+        raise PreferenceDataError(f"cannot read file: {getattr(err, 'strerror', None) or err}", source=source,
                                   kind="unreadable") from None
     if not data.strip():
         raise PreferenceDataError("file is empty", source=source, kind="empty_file")
     if suffix in (".json", ".jsonl"):
         # surrogateescape keeps bad bytes as lone surrogates, reported for their row only.
         text = data.decode("utf-8-sig", errors="surrogateescape")
-        items = (_read_jsonl if suffix == ".jsonl" else _read_json)(text, source)
+        columns, items = None, (_read_jsonl if suffix == ".jsonl" else _read_json)(text, source)
     else:
-        items = _read_table(data, source, suffix)
+        columns, items = _read_table(data, source, suffix, require_columns)
     if not items:
         raise PreferenceDataError("file has no rows", source=source, kind="empty_file")
-    return [row for _, row in items]  # items are numbered 0..n-1 in order
+    return columns, [row for _, row in items]  # items are numbered 0..n-1 in order
 
 
 def _finish(result: ValidationResult, source: str):
@@ -395,14 +426,15 @@ def _finish(result: ValidationResult, source: str):
 
 def load_hub_preferences(dataset_id: str, split: str = "train", *, name: str | None = None,
                          convert: Callable[[dict], dict] | None = None, limit: int | None = None,
-                         on_error: str = "raise", cache_dir: str | None = None):
+                         on_error: str = "raise", cache_dir: str | None = None, require: Iterable[str] = FIELDS):
     """Load a split with ``datasets.load_dataset`` and return it validated in the canonical schema.
 
     ``dataset_id`` is a hub id or a local directory laid out like a hub dataset repo
     (``data/train-*.parquet``, optionally a README.md with ``configs:``). ``convert`` maps a
     source row to a canonical row (e.g. :func:`orca_to_preference`); it may raise
     :class:`PreferenceDataError`, which is handled like any bad row. ``limit`` keeps the
-    first ``limit`` source rows (fewer come back if some are dropped).
+    first ``limit`` source rows (fewer come back if some are dropped). ``require``: columns
+    whose absence fails the whole split (kind missing_column), checked when ``convert`` is given.
     """
     from datasets import load_dataset
 
@@ -413,8 +445,7 @@ def load_hub_preferences(dataset_id: str, split: str = "train", *, name: str | N
         raise PreferenceDataError(f"cannot load split {split!r}: {err}", source=dataset_id, kind="unreadable") from err
     if limit is not None:
         raw = raw.select(range(min(limit, len(raw))))
-    if convert is None:
-        _require_columns(raw.column_names, dataset_id)
+    _require_columns(raw.column_names, dataset_id, FIELDS if convert is None else require)
 
     def items():
         for i, row in enumerate(raw.to_list()):
@@ -460,4 +491,27 @@ def load_orca_dpo_pairs(tokenizer, split: str = "train", path_or_id: str = ORCA_
     """Intel/orca_dpo_pairs (or a local copy laid out like it) formatted by ``tokenizer``'s chat template."""
     convert = partial(orca_to_preference, tokenizer=tokenizer, as_messages=as_messages)
     return load_hub_preferences(path_or_id, split, convert=convert, limit=limit, on_error=on_error,
-                                cache_dir=cache_dir)
+                                cache_dir=cache_dir, require=("question", "chosen", "rejected"))
+
+
+# ---------------------------------------------------------------------------- any layout
+
+
+def load_preferences(source: str | Path, *, split: str | None = None, config: str | None = None,
+                     on_error: str = "raise", tokenizer=None, cache_dir: str | None = None, verbose: bool = True):
+    """Load preference pairs in any layout of :mod:`course_utils.layouts` as a validated Dataset.
+
+    ``source`` is a local file (``.json``, ``.jsonl``, ``.csv``, ``.parquet``, each also
+    ``.gz``), a local folder laid out like a hub dataset (``data/<split>-*.parquet``, a README
+    with ``configs:``) or a hub id. Without ``split`` one is chosen from those the source has;
+    a wrong ``split`` or ``config`` lists the ones that exist. ``tokenizer`` lets the report
+    say whether plain-text prompts already carry its chat template. ``verbose`` prints the
+    layout seen and what was converted. Row errors follow ``on_error`` (:func:`validate_preferences`).
+    """
+    from course_utils.layouts import read_preferences
+
+    _check_on_error(on_error)
+    converted = read_preferences(source, split=split, config=config, tokenizer=tokenizer, cache_dir=cache_dir)
+    if verbose:
+        print(converted.report())
+    return _finish(validate_preferences(converted.rows, on_error, converted.source), converted.source)

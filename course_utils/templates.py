@@ -116,7 +116,7 @@ class TokenView:
     name: str  # "chosen" or "rejected"
     text: str  # the completion text (plain rows: after TRL's EOS rule)
     ids: list[int]  # input_ids of prompt + completion, after truncation
-    tokens: list[str]  # each id decoded on its own, so "".join(tokens) reads as the text
+    tokens: list[str]  # one per id, so "".join(tokens) reads as the text (see decode_tokens)
     mask: list[int]  # TRL's completion_mask: 1 = the token's log-prob enters the loss
 
     @property
@@ -136,7 +136,9 @@ class TokenView:
         if start:
             lines.append(f"{'...':>5} ({start} earlier prompt tokens)")
         for i in range(start, len(self.ids)):
-            lines.append(f"{i:>5} {self.ids[i]:>7}  {'LOSS' if self.mask[i] else '    '}  {self.tokens[i]!r}")
+            # "" = more bytes of the character shown on an earlier line (decode_tokens)
+            shown = repr(self.tokens[i]) if self.tokens[i] else "  (more bytes of the character above)"
+            lines.append(f"{i:>5} {self.ids[i]:>7}  {'LOSS' if self.mask[i] else '    '}  {shown}")
         return "\n".join(lines)
 
 
@@ -173,6 +175,29 @@ class InspectedExample:
         return self.render()
 
 
+def decode_tokens(tokenizer, ids: list[int], mask: list[int] | None = None, longest: int = 8) -> list[str]:
+    """Each id's text, one string per id, whole characters kept whole.
+
+    Byte-level BPE splits one CJK, Arabic or emoji character over several tokens, and each
+    token decoded alone is U+FFFD. Consecutive tokens are decoded together until their bytes
+    form whole characters: the first token of the group shows the text, the others ``""``.
+    Groups never cross a change in ``mask`` (or run past ``longest`` tokens), so every
+    string stays on the token whose mask it shares.
+    """
+    mask = mask if mask is not None else [0] * len(ids)
+    out: list[str] = []
+    i = 0
+    while i < len(ids):
+        j, text = i + 1, tokenizer.decode([ids[i]])
+        while text.endswith("\ufffd") and j < len(ids) and mask[j] == mask[i] and j - i < longest:
+            text, j = tokenizer.decode(ids[i:j + 1]), j + 1  # an incomplete character: take the next token's bytes
+        if text.endswith("\ufffd") and j > i + 1:  # never completed: show the tokens one by one
+            text, j = tokenizer.decode([ids[i]]), i + 1
+        out += [text] + [""] * (j - i - 1)
+        i = j
+    return out
+
+
 def inspect_example(row: dict[str, Any], tokenizer, max_length: int | None = None) -> InspectedExample:
     """Show how TRL's DPOTrainer tokenizes and masks one canonical row (see the module docstring).
 
@@ -196,7 +221,7 @@ def inspect_example(row: dict[str, Any], tokenizer, max_length: int | None = Non
         mask = [0] * len(toks.prompt_ids) + [1] * len(completion)
         if max_length is not None:  # the collator's keep_start truncation
             ids, mask = ids[:max_length], mask[:max_length]
-        views.append(TokenView(name, text, ids, [tokenizer.decode([i]) for i in ids], mask))
+        views.append(TokenView(name, text, ids, decode_tokens(tokenizer, ids, mask), mask))
     return InspectedExample(
         format="conversational" if is_conversational(row) else "plain text",
         prompt_text=prompt_text,

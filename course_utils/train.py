@@ -170,17 +170,21 @@ FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 
 
 def load_training_data(name: str, preset: Preset, tokenizer, *, on_error: str = "raise", on_long: str = "truncate",
-                       reference=None):
-    """``(train, test)`` datasets for ``--dataset``: ``auto``, ``sentiment``, a local file, or a hub id.
+                       reference=None, split: str | None = None, config: str | None = None):
+    """``(train, test)`` datasets for ``--dataset``: ``auto``, ``sentiment``, a local file, a folder or a hub id.
 
     ``auto`` is :func:`course_utils.pair_origin.default_dataset`: Intel/orca_dpo_pairs on the
     GPU presets, the sentiment pairs elsewhere. ``reference``: the loaded ``(model, tokenizer)``,
     which samples the sentiment pairs when they are not cached (instead of a second copy).
     Files and hub data are checked whole, before the split, so a message names the row of
     the file (or of the hub split) rather than of a shuffled split. The split is seeded by the
-    preset, so lesson 5 gets the same held-out pairs as lesson 4.
+    preset, so lesson 5 gets the same held-out pairs as lesson 4. Files, folders and hub ids
+    go through :func:`course_utils.layouts.read_preferences`, which recognises their layout
+    (``split``/``config`` choose the part of a folder or hub id); a name ending in
+    ``orca_dpo_pairs`` with Intel's columns keeps its own converter (the template's plain text).
     """
     from . import data
+    from .layouts import is_file_source, read_preferences
     from .pair_origin import resolve_dataset
 
     name = resolve_dataset(name, preset)
@@ -191,13 +195,18 @@ def load_training_data(name: str, preset: Preset, tokenizer, *, on_error: str = 
         for split, report in reports.items():
             print(f"[{split}] {report.summary()}")
         return splits["train"], splits["test"]
-    if Path(name).suffix.lower() in FILE_SUFFIXES or Path(name).is_file():
-        rows = data.read_preference_rows(name)  # a missing or unreadable path raises, naming it
-    elif name.rstrip("/").endswith("orca_dpo_pairs"):
-        rows = data.load_orca_dpo_pairs(tokenizer, path_or_id=name, limit=preset.train_prompts + preset.eval_prompts,
-                                        on_error=on_error)
-    else:
-        rows = data.load_hub_preferences(name, on_error=on_error)
+    rows = None
+    if name.rstrip("/").endswith("orca_dpo_pairs") and not is_file_source(name) and config is None:
+        try:
+            rows = data.load_orca_dpo_pairs(tokenizer, split=split or "train", path_or_id=name, on_error=on_error,
+                                            limit=preset.train_prompts + preset.eval_prompts)
+        except PreferenceDataError as err:
+            if err.kind != "missing_column":  # another layout under that name (HuggingFaceH4's): detect it below
+                raise
+    if rows is None:
+        loaded = read_preferences(name, split=split, config=config, tokenizer=tokenizer)
+        print(f"[data] {loaded.report()}")
+        rows = loaded.rows  # a missing or unreadable path raises, naming it
     prepared = prepare_preferences(rows, tokenizer, preset.max_length, on_error=on_error, on_long=on_long, source=name)
     print(f"[data] {prepared.summary()}")
     dataset = prepared.dataset
@@ -242,7 +251,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--preset", default="auto", help="auto (detect), cpu, tiny, t4, a100, cuda")
     parser.add_argument("--dataset", default="auto",
                         help="auto (Intel/orca_dpo_pairs on a GPU preset, sentiment on cpu/tiny), sentiment, "
-                             "a local .json/.jsonl/.csv/.parquet, or a hub id")
+                             "a local .json/.jsonl/.csv/.parquet (or .gz), a dataset folder, or a hub id; "
+                             "its layout is recognised (see course_utils/layouts.py)")
+    parser.add_argument("--split", help="split of a dataset folder or hub id (default: train, or the one it has)")
+    parser.add_argument("--config", help="config (subset) of a dataset folder or hub id")
     parser.add_argument("--output-dir", default="build/dpo", help="checkpoints, the adapter and metrics.json go here")
     parser.add_argument("--max-steps", type=int)
     parser.add_argument("--beta", type=float)
@@ -318,7 +330,7 @@ def _run(args, overrides: dict, guard: DivergenceGuard) -> dict:
     model, tokenizer = load_model(preset.model_name, dtype=preset.dtype, load_in_4bit=preset.load_in_4bit,
                                   checkpoint=preset.checkpoint, seed=preset.seed, device_map=device_map_for())
     train, test = load_training_data(args.dataset, preset, tokenizer, on_error=args.on_error, on_long=args.on_long,
-                                     reference=(model, tokenizer))
+                                     reference=(model, tokenizer), split=args.split, config=args.config)
     trainer = build_trainer(preset, model, tokenizer, train, test, output_dir=args.output_dir,
                             on_error=args.on_error, on_long=args.on_long, guard=guard)
     start = time.perf_counter()

@@ -426,3 +426,24 @@ def test_length_stats_conversational(tok):
     stats = length_stats([row, row], tok)
     assert (stats["prompt"]["max"], stats["chosen"]["max"], stats["rejected"]["max"]) == (32, 4, 5)
     assert stats["prompt+rejected"]["mean"] == 37.0
+
+
+# ---------------------------------------------------------------------------- gzip and converters' columns
+
+
+@pytest.mark.parametrize("fmt, suffix", [("jsonl", ".jsonl.gz"), ("csv", ".csv.gz"), ("json-list", ".json.gz")])
+def test_gzipped_files_load(tmp_path, fmt, suffix):
+    import gzip
+
+    plain_path = write(tmp_path / f"prefs{suffix.removesuffix('.gz')}", [plain(i) for i in range(3)], fmt)
+    path = tmp_path / f"prefs{suffix}"
+    path.write_bytes(gzip.compress(plain_path.read_bytes()))
+    assert load_preference_file(path).to_list() == [plain(i) for i in range(3)]
+
+
+def test_orca_loader_refuses_another_layout_by_its_columns(tok, tmp_path):
+    """A folder named like orca_dpo_pairs but holding prompt/chosen/rejected fails once, as a missing column."""
+    with pytest.raises(PreferenceDataError) as info:
+        load_orca_dpo_pairs(tok, path_or_id=hub_dir(tmp_path, [plain(i) for i in range(3)]), on_error="drop",
+                            cache_dir=str(tmp_path / "cache"))
+    assert (info.value.kind, info.value.field) == ("missing_column", "question")

@@ -11,6 +11,7 @@ from course_utils.data import orca_to_preference
 from course_utils.models import build_tiny_model
 from course_utils.templates import (
     completion_end,
+    decode_tokens,
     end_of_turn,
     inspect_example,
     tokenize_like_trl,
@@ -91,6 +92,30 @@ def test_render_marks_prompt_and_loss(tok):
     assert table.count("LOSS") == 6  # 3 completion tokens in each of the two tables
     merged = inspect_example({"prompt": "Hello wor", "chosen": "ld", "rejected": "m"}, tok)
     assert "TRL leaves out the prompt's last tokens [' wor']" in str(merged)
+
+
+@pytest.mark.parametrize("question, answer, other", [
+    ("你好，世界", "谢谢你", "不客气"),  # CJK: three bytes a character, split over byte tokens
+    ("مرحبا بالعالم", "شكرا جزيلا", "عفوا"),  # Arabic: two bytes a character
+    ("Wave 👋🏽 back", "Sure 😀👍", "No 🙃"),  # emoji and a skin-tone modifier: four bytes each
+], ids=["cjk", "arabic", "emoji"])
+def test_inspector_shows_whole_characters(tok, question, answer, other):
+    ex = inspect_example(chat_row(question, answer, other), tok)
+    trl = tokenize_like_trl(chat_row(question, answer, other), tok)
+    for view, completion in ((ex.chosen, trl.chosen_ids), (ex.rejected, trl.rejected_ids)):
+        assert view.mask == [0] * len(trl.prompt_ids) + [1] * len(completion)  # grouping never moves the mask
+        assert len(view.tokens) == len(view.ids) and "".join(view.tokens) == tok.decode(view.ids)
+        assert "\ufffd" not in view.spans() and "\ufffd" not in view.table(prompt_tail=None)
+    assert f"[LOSS]{answer}<|im_end|>" in ex.chosen.spans() and question in ex.chosen.spans()
+    assert "more bytes of the character above" in ex.chosen.table()
+
+
+def test_decode_tokens_groups_by_bytes_within_a_mask(tok):
+    ids = tok("谢", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 3 and [tok.decode([i]) for i in ids] == ["\ufffd"] * 3  # what token-by-token decoding shows
+    assert decode_tokens(tok, ids) == ["谢", "", ""]  # the character on its first token
+    # A mask change inside the character: each side keeps its own tokens (shown as U+FFFD, masks intact).
+    assert decode_tokens(tok, ids, [0, 1, 1]) == ["\ufffd", "\ufffd", "\ufffd"]
 
 
 def trl_batches(rows, tok, tmp_path, max_length=None):
