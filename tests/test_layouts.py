@@ -260,7 +260,9 @@ def test_folder_named_orca_dpo_pairs_with_another_layout_is_detected(tokenizer, 
 
 
 @pytest.mark.parametrize("layout_id, suffix", [("hh-rlhf", ".jsonl.gz"), ("trl-ultrafeedback", ".parquet"),
-                                               ("h4-ultrafeedback", ".csv"), ("argilla-orca", ".jsonl")])
+                                               ("h4-ultrafeedback", ".csv"), ("intel-orca", ".json"),
+                                               ("argilla-orca", ".jsonl"), ("truthy", ".parquet.gz"),
+                                               ("sharegpt", ".jsonl")])
 def test_cli_trains_on_each_layout(tmp_path, capsys, layout_id, suffix):
     make, layout, _, _ = LAYOUTS[layout_id]
     path = write(tmp_path / f"mine{suffix}", [make(i) for i in range(6)])
