@@ -51,6 +51,56 @@ def compute_dtype(args) -> torch.dtype:
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
 
+def training_dtype(preset, on_gpu: bool | None = None, native_bf16: bool | None = None) -> torch.dtype:
+    """The precision of DPO training's matrix products for ``preset`` here (``train.dpo_config`` sets bf16/fp16 from it).
+
+    On a GPU, the preset's ``dtype`` (fp16 or bf16 autocast; fp32 for ``cpu`` and ``tiny``). On a CPU, bf16
+    autocast when the preset asks for it (``cpu_bf16``) and the CPU multiplies bf16 natively
+    (:func:`course_utils.cpu.cpu_supports_bf16`; emulated bf16 is slower than fp32), fp32 otherwise.
+    ``on_gpu``/``native_bf16``: None asks this machine.
+    """
+    if on_gpu is None:
+        on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        return _to_dtype(preset.dtype)
+    if not preset.cpu_bf16:
+        return torch.float32
+    if native_bf16 is None:
+        from .cpu import cpu_supports_bf16
+
+        native_bf16 = cpu_supports_bf16()
+    return torch.bfloat16 if native_bf16 else torch.float32
+
+
+DTYPE_WORDS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def describe_training(preset, on_gpu: bool | None = None, native_bf16: bool | None = None) -> str:
+    """One true sentence for a lesson: the model, how its weights are stored and the DPO training precision here."""
+    if on_gpu is None:
+        on_gpu = torch.cuda.is_available()
+    compute = training_dtype(preset, on_gpu, native_bf16)
+    model = preset.checkpoint or preset.model_name
+    if preset.load_in_4bit:
+        weights = "a frozen 4-bit NF4 base with a LoRA adapter (QLoRA)"
+    else:
+        weights = f"{DTYPE_WORDS[_to_dtype(preset.dtype)]} weights with a plain LoRA adapter"
+    if preset.load_in_4bit and not on_gpu:
+        how = (f"each 4-bit layer dequantised to {DTYPE_WORDS[_to_dtype(preset.dtype)]} for its products and no "
+               "autocast (a GPU preset on a CPU: slow, a test of the code path)")
+    elif compute is torch.float32:
+        why = ("the preset asks for no half precision" if on_gpu
+               else "this CPU has no native bf16, where it would be slower than fp32" if preset.cpu_bf16
+               else "the preset uses no half precision on a CPU")
+        how = f"matrix products in fp32 ({why})"
+    elif on_gpu:
+        scaler = " with a loss scaler" if compute is torch.float16 else ""
+        how = f"matrix products in {DTYPE_WORDS[compute]} autocast{scaler}"
+    else:
+        how = "matrix products in bf16 autocast (this CPU multiplies bf16 natively; log-softmax and loss in fp32)"
+    return f"Preset {preset.name!r} trains {model} on the {'GPU' if on_gpu else 'CPU'}: {weights}, {how}."
+
+
 COMPOUNDING = 2  # allowance for roundings compounding through the layers (measured worst: 1.15, see above)
 
 

@@ -26,6 +26,7 @@ from .data import PreferenceDataError
 from .cpu import cpu_supports_bf16
 from .guard import DivergenceGuard
 from .models import ModelLoadError, load_model, lora_config
+from .precision import training_dtype
 from .prepare import ON_LONG, prepare_preferences
 from .presets import Preset, detect_preset, get_preset
 
@@ -35,6 +36,8 @@ def dpo_config(preset: Preset, output_dir: str | Path, **overrides):
     from trl import DPOConfig
 
     on_gpu = torch.cuda.is_available()
+    # the matrix products' precision: bf16, fp16 or fp32 (precision.training_dtype, which lessons print)
+    compute = training_dtype(preset, on_gpu, native_bf16=not on_gpu and preset.cpu_bf16 and cpu_supports_bf16())
     kwargs = dict(
         output_dir=str(output_dir),
         # --- what is optimised -------------------------------------------------
@@ -52,9 +55,9 @@ def dpo_config(preset: Preset, output_dir: str | Path, **overrides):
         max_length=preset.max_length,  # prompt+completion tokens; TRL truncates the end beyond it
         activation_checkpointing=preset.gradient_checkpointing,  # a.k.a. gradient checkpointing
         precompute_ref_log_probs=preset.precompute_ref_log_probs,
-        # TRL defaults bf16=True; be explicit. On CPU, bf16 autocast only where it is native (fast_dpo.py)
-        bf16=(preset.dtype == "bfloat16" and on_gpu) or (not on_gpu and preset.cpu_bf16 and cpu_supports_bf16()),
-        fp16=preset.dtype == "float16" and on_gpu,
+        # TRL defaults bf16=True; be explicit. On CPU, bf16 autocast only where it is native (precision.training_dtype)
+        bf16=compute is torch.bfloat16,
+        fp16=compute is torch.float16,
         use_cpu=not on_gpu,
         # --- bookkeeping -------------------------------------------------------
         logging_steps=preset.logging_steps,

@@ -16,9 +16,30 @@ import pytest
 import torch
 
 from course_utils import cpu
-from course_utils.precision import rounding_bound, step_one_tolerances, unit_roundoff
+from course_utils.precision import (compute_dtype, describe_training, rounding_bound, step_one_tolerances, training_dtype,
+                                    unit_roundoff)
+from course_utils.presets import get_preset
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["cpu", "tiny", "t4", "a100"])
+def test_dpo_config_trains_in_the_precision_lessons_print(name, tmp_path):
+    from course_utils.train import dpo_config
+
+    preset = get_preset(name)
+    assert compute_dtype(dpo_config(preset, tmp_path)) == training_dtype(preset)  # on this machine
+
+
+def test_training_dtype_per_preset_and_runtime():
+    cpu_preset, tiny, t4, a100 = (get_preset(n) for n in ("cpu", "tiny", "t4", "a100"))
+    assert training_dtype(cpu_preset, on_gpu=False, native_bf16=True) == torch.bfloat16  # bf16 autocast where native
+    assert training_dtype(cpu_preset, on_gpu=False, native_bf16=False) == torch.float32  # emulated bf16 is slower
+    assert training_dtype(tiny, on_gpu=False, native_bf16=True) == torch.float32  # CI's numbers stay fp32
+    assert training_dtype(t4, on_gpu=True) == torch.float16 and training_dtype(a100, on_gpu=True) == torch.bfloat16
+    assert "bf16 autocast" in describe_training(cpu_preset, on_gpu=False, native_bf16=True)
+    assert "matrix products in fp32" in describe_training(cpu_preset, on_gpu=False, native_bf16=False)
+    assert "4-bit NF4" in describe_training(t4, on_gpu=True) and "fp16 autocast" in describe_training(t4, on_gpu=True)
 
 
 def test_unit_roundoff_is_half_the_gap_above_one():
