@@ -160,6 +160,30 @@ def tiny_reward_model(tokenizer, seed: int = 0):
     return model
 
 
+LESSON1_REWARD_MODEL = "01_rlhf_background/reward_model/final"  # under OUTPUT_DIR: where lesson 1 saves its reward model
+
+
+def reward_model_judge(spec: str, output_dir=None, **kwargs) -> RewardModelJudge:
+    """The reward-model judge a preset names (``Preset.judge_reward_model``), loaded.
+
+    ``"lesson-1"``: the Bradley-Terry model lesson 1 trained on the sentiment pairs (``OUTPUT_DIR``/
+    :data:`LESSON1_REWARD_MODEL`); ``"tiny-random"``: :func:`tiny_reward_model` with the real tokenizer; anything
+    else: a local folder or hub id of a sequence classifier.
+    """
+    if spec == "tiny-random":
+        from .models import load_tokenizer
+
+        tokenizer = load_tokenizer("tiny")
+        return RewardModelJudge(tiny_reward_model(tokenizer), tokenizer, name="tiny random reward model", **kwargs)
+    if spec == "lesson-1":
+        path = Path(output_dir or ".") / LESSON1_REWARD_MODEL
+        if not (path / "config.json").is_file():
+            raise JudgeLoadError(f"no reward model in {path}: run lesson 1 (01_rlhf_background.ipynb) with the same "
+                                 "OUTPUT_DIR first; it saves the one it trains there")
+        return RewardModelJudge.load(str(path), name="lesson-1 reward model", **kwargs)
+    return RewardModelJudge.load(spec, **kwargs)
+
+
 class ImplicitRewardJudge:
     """DPO's implicit reward ``beta * (log pi(y|x) - log pi_ref(y|x))`` (Eq. 5); the reference is the adapter off."""
 
@@ -302,3 +326,28 @@ def judged_win_rate(judge, prompts, policy, reference, *, seed: int = 0) -> dict
     wr = win_rate(pol, ref, seed=seed)
     return {"judge": judge.name, "win_rate": wr.rate, "ci": [wr.ci_low, wr.ci_high], "n": len(prefer), "wins": wr.wins,
             "ties": wr.ties, "losses": wr.losses, "prefer": prefer.tolist(), **extra}
+
+
+def length_regression(prefer, length_diff, *, seed: int = 0, resamples: int = 2000) -> dict:
+    """Win rate at equal length: least squares of the outcome (1 win, 0.5 tie, 0 loss) on the length difference.
+
+    ``outcome = a + b * d`` with ``d = policy_tokens - reference_tokens``, shapes (N,), (N,). ``a`` is the win rate
+    the line predicts for two answers of the same length (the length-controlled win rate), ``b`` the change per
+    token of extra length; a pair bootstrap gives ``a``'s 95% CI. A linear-probability model: crude, but it needs
+    no tolerance to choose, unlike length-matched bins (:func:`course_utils.report.win_rate_by_length`).
+    """
+    y = (np.asarray(prefer, float) + 1) / 2
+    d = np.asarray(length_diff, float)
+    if y.shape != d.shape or y.size < 3:
+        raise ValueError(f"need at least 3 pairs with a length difference each, got {y.shape} and {d.shape}")
+
+    def fit(idx):
+        x = np.stack([np.ones(idx.size), d[idx]], axis=1)
+        return np.linalg.lstsq(x, y[idx], rcond=None)[0]  # (2,): intercept, slope; d constant -> min-norm solution
+
+    a, b = fit(np.arange(y.size))
+    rng = np.random.default_rng(seed)
+    boot = np.array([fit(rng.integers(0, y.size, y.size))[0] for _ in range(resamples)])
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return {"win_rate_at_equal_length": float(a), "ci": [float(low), float(high)], "per_token": float(b),
+            "n": int(y.size)}
