@@ -124,3 +124,9 @@ def evaluate_against_reference(model, tokenizer, prompts, judge, *, num_samples:
             for p, a, b, sa, sb in zip(flat_prompts, flat_pol, flat_ref, pol_scores, ref_scores)
         ],
     }
+
+
+if __name__ == "__main__":  # python -m course_utils.evaluate: the CLI lives in evaluate_cli.py
+    from course_utils.evaluate_cli import main
+
+    raise SystemExit(main())
