@@ -110,8 +110,9 @@ class RewardModelJudge:
         cuda = torch.cuda.is_available()
         device = device or ("cuda" if cuda else "cpu")
         if dtype is None:
-            dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if device == "cuda" \
-                else torch.float32
+            # bf16 on Ampere or newer; a T4 (sm75) emulates bf16 slowly, so fp16 there, as the T4 preset trains
+            ampere = device == "cuda" and torch.cuda.get_device_capability()[0] >= 8
+            dtype = torch.float32 if device != "cuda" else (torch.bfloat16 if ampere else torch.float16)
         path = str(local) if local.exists() else id_or_path
         model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype, **SAFE_LOADING).to(device)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
