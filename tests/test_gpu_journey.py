@@ -56,8 +56,9 @@ def journey(tmp_path_factory, orca_dir):
     results = {"out": out}
     for number, extra in (("04", {"DATASET": str(orca_dir), "PRESET_OVERRIDES": T4_ON_CPU}),
                           ("05", {"NUM_SAMPLES": 1, "TRAIN_PAIRS": 8, "REWARD_MODEL": "tiny-random",
-                                                      "LLM_JUDGE": "tiny", "CHAT_PROMPTS": 4,
-                                                      "BENCHMARK_TASKS": None})  # lm-eval: tested on tiny, ("06", {})):
+                                  "LLM_JUDGE": "tiny", "CHAT_PROMPTS": 4,
+                                  "BENCHMARK_TASKS": None}),  # lm-eval runs in the tiny lesson test
+                          ("06", {})):
         results[number] = execute_lesson(lesson_paths([number])[0], out, {**common, **extra}, html=False)
     return results
 
