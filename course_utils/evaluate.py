@@ -57,8 +57,11 @@ def _reference(model):
     return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
 
 
-def implicit_reward_accuracy(model, tokenizer, dataset, beta: float) -> dict:
-    """Held-out implicit-reward accuracy and margin: r(x,y) = beta * log(pi/pi_ref), Eq. 5."""
+def implicit_reward_accuracy(model, tokenizer, dataset, beta: float, return_margins: bool = False) -> dict:
+    """Held-out implicit-reward accuracy and margin: r(x,y) = beta * log(pi/pi_ref), Eq. 5.
+
+    ``return_margins``: also the per-pair ``margins`` r(chosen) - r(rejected), a list of N floats.
+    """
     prompts = list(dataset["prompt"])
     logps = {}
     for side in ("chosen", "rejected"):
@@ -67,7 +70,8 @@ def implicit_reward_accuracy(model, tokenizer, dataset, beta: float) -> dict:
         ref = sequence_logprobs(model, tokenizer, prompts, texts, disable_adapter=True)
         logps[side] = beta * (pol - ref)
     margin = (logps["chosen"] - logps["rejected"]).numpy()
-    return {"reward_accuracy": float((margin > 0).mean()), "reward_margin": float(margin.mean()), "pairs": len(prompts)}
+    out = {"reward_accuracy": float((margin > 0).mean()), "reward_margin": float(margin.mean()), "pairs": len(prompts)}
+    return {**out, "margins": margin.tolist()} if return_margins else out
 
 
 def kl_on_samples(model, tokenizer, prompts, completions) -> tuple[float, float]:
@@ -124,3 +128,9 @@ def evaluate_against_reference(model, tokenizer, prompts, judge, *, num_samples:
             for p, a, b, sa, sb in zip(flat_prompts, flat_pol, flat_ref, pol_scores, ref_scores)
         ],
     }
+
+
+if __name__ == "__main__":  # python -m course_utils.evaluate: the CLI lives in evaluate_cli.py
+    from course_utils.evaluate_cli import main
+
+    raise SystemExit(main())

@@ -66,6 +66,12 @@ KEY_NUMBERS = {
     "policy_reward": ("05_evaluation", "policy_reward"),
     "reference_reward": ("05_evaluation", "reference_reward"),
     "length_controlled_win_rate": ("05_evaluation", "length_controlled_win_rate"),
+    "judge_validity": ("05_evaluation", "judge_validity"),  # each judge's agreement with VADER, 95% CI
+    "llm_judge_position_bias": ("05_evaluation", "llm_judge_position_bias"),  # share of first-shown wins
+    "rm_judge": ("05_evaluation", "rm_judge"),
+    "rm_win_rate": ("05_evaluation", "rm_win_rate"),
+    "rm_win_rate_ci": ("05_evaluation", "rm_win_rate_ci"),
+    "rm_win_rate_at_equal_length": ("05_evaluation", "rm_win_rate_at_equal_length"),
     "merge_max_abs_diff": ("06_inference", "merge_max_abs_diff"),
     "frontier_dpo_best_reward": ("07_reward_kl_frontier", "dpo_best_reward"),
     "frontier_rloo_best_reward": ("07_reward_kl_frontier", "rloo_best_reward"),

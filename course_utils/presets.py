@@ -56,6 +56,7 @@ class Preset:
     max_new_tokens: int = 40  # completion length when sampling pairs and evaluating
     pair_max_new_tokens: int | None = None  # sentiment completions' cap (pairs, their judge); None: max_new_tokens
     sample_batch_size: int = 32  # rows per generate() call when sampling pairs (part of the pairs' cache key)
+    judge_reward_model: str = "lesson-1"  # lesson 5's reward-model judge: "lesson-1", "tiny-random" or a hub id/folder
     seed: int = 0
     notes: str = field(default="", compare=False)  # why this preset looks the way it does
 
@@ -100,6 +101,7 @@ _QLORA_GPU = dict(
     train_prompts=296,  # all 360 openings: 296 train + 64 held out (orca pairs: see lesson 3)
     eval_prompts=64,
     max_new_tokens=256,  # chat answers (orca prompts, lesson 6)
+    judge_reward_model="Skywork/Skywork-Reward-V2-Qwen3-1.7B",  # ~1.7B, fits beside the 4-bit 7B on a T4 (README)
     pair_max_new_tokens=48,  # sentiment continuations, sampled on the GPU from Mistral itself (sentiment.py)
 )
 
@@ -138,6 +140,7 @@ PRESETS: dict[str, Preset] = {
         eval_prompts=8,
         samples_per_prompt=4,
         max_new_tokens=24,
+        judge_reward_model="tiny-random",  # a random classifier built locally (judges.tiny_reward_model): no hub in CI
         notes="Random 2-layer Llama with the SmolLM2 tokenizer; for CI, proves the code path only.",
     ),
     "t4": Preset(

@@ -55,7 +55,10 @@ def journey(tmp_path_factory, orca_dir):
     common = {"PRESET": "t4", "OUTPUT_DIR": str(out)}
     results = {"out": out}
     for number, extra in (("04", {"DATASET": str(orca_dir), "PRESET_OVERRIDES": T4_ON_CPU}),
-                          ("05", {"NUM_SAMPLES": 1, "TRAIN_PAIRS": 8}), ("06", {})):
+                          ("05", {"NUM_SAMPLES": 1, "TRAIN_PAIRS": 8, "REWARD_MODEL": "tiny-random",
+                                  "LLM_JUDGE": "tiny", "CHAT_PROMPTS": 4,
+                                  "BENCHMARK_TASKS": None}),  # lm-eval runs in the tiny lesson test
+                          ("06", {})):
         results[number] = execute_lesson(lesson_paths([number])[0], out, {**common, **extra}, html=False)
     return results
 
@@ -76,6 +79,16 @@ def test_lesson_05_scores_lesson_4s_held_out_orca_pairs(journey):
     r = journey["05"]
     assert r["held_out_pairs"] == 6  # the split lesson 4 made: min(eval_prompts, 30 rows // 5)
     assert 0.0 <= r["held_out_reward_accuracy"] <= 1.0
+
+
+def test_lesson_05_judges_the_chat_model_with_a_reward_model(journey):
+    """On orca data the reward-model judge makes the verdict; no ground truth, so no validity table."""
+    r = journey["05"]
+    assert r["rm_judge"] == "tiny random reward model" and r["rm_pairs"] == 4  # CHAT_PROMPTS fresh answers per model
+    assert 0.0 <= r["rm_win_rate_ci"][0] <= r["rm_win_rate"] <= r["rm_win_rate_ci"][1] <= 1.0
+    assert r["verdict_judge"] == "reward model" and "reward model" in r["verdict"]
+    assert "judge_validity" not in r
+    assert 0.0 <= r["llm_judge_first_position_share"] <= 1.0  # the optional pairwise judge, both orders
 
 
 def test_lesson_06_merges_the_4bit_base(journey):

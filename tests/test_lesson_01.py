@@ -43,6 +43,15 @@ def lesson_01(run_lesson):
     return run_lesson("01")
 
 
+def test_lesson_1_saves_its_reward_model_for_lesson_5(lesson_01, course_dir):
+    """Lesson 5 judges with it: it loads as a reward-model judge and scores a pair (judges.reward_model_judge)."""
+    from course_utils.judges import reward_model_judge
+
+    judge = reward_model_judge("lesson-1", course_dir)
+    scores = judge.score([[{"role": "user", "content": "Continue: The film"}]] * 2, ["was wonderful.", "was awful."])
+    assert judge.name == "lesson-1 reward model" and scores.shape == (2,) and np.isfinite(scores).all()
+
+
 def test_reward_model_numbers_are_recorded(lesson_01):
     assert 0.0 <= lesson_01["rm_held_out_accuracy"] <= 1.0
     lo, hi = lesson_01["rm_held_out_accuracy_ci"]

@@ -116,6 +116,29 @@ def test_lesson_05_reads_lesson_4_cost(lesson_04, lesson_05):
     assert lesson_05["eval_seconds"] > 0
 
 
+def test_lesson_05_checks_its_judges_against_vader(lesson_05):
+    """The judge-validity table: every judge scored on the 8 held-out sentiment pairs, the LLM judge in both orders."""
+    validity = lesson_05["judge_validity"]
+    assert set(validity) == {"reward model", "LLM judge", "implicit reward"}  # tiny: a random classifier, SmolLM2
+    for row in validity.values():
+        assert row["n"] == lesson_05["held_out_pairs"] and row["ci"][0] <= row["agreement"] <= row["ci"][1]
+    assert 0.0 <= lesson_05["llm_judge_position_bias"] <= 1.0
+    assert lesson_05["llm_judge_position_bias"] == validity["LLM judge"]["first_position_share"]
+
+
+def test_lesson_05_reward_model_judge_and_benchmarks(lesson_05):
+    """The chat path's code on tiny: a random reward model rescores section 4's pairs; lm-eval runs the local task."""
+    assert lesson_05["rm_judge"] == "tiny random reward model" and lesson_05["rm_pairs"] == lesson_05["samples"]
+    lo, hi = lesson_05["rm_win_rate_ci"]
+    assert 0.0 <= lo <= lesson_05["rm_win_rate"] <= hi <= 1.0
+    assert lesson_05["rm_policy_tokens"] == pytest.approx(lesson_05["policy_tokens"])  # the same completions
+    assert math.isfinite(lesson_05["rm_win_rate_at_equal_length"])
+    bench = lesson_05["benchmarks"]
+    assert set(bench) == {"policy", "reference"} and all(set(side) == {"course_mc"} for side in bench.values())
+    assert all(0.0 <= side["course_mc"]["acc"] <= 1.0 for side in bench.values())
+    assert lesson_05["verdict_judge"] == "VADER"  # the sentiment task keeps its ground truth
+
+
 def test_lesson_05_without_an_adapter_says_run_lesson_4(tmp_path):
     import papermill as pm
 
