@@ -86,6 +86,21 @@ def kl_on_samples(model, tokenizer, prompts, completions) -> tuple[float, float]
     return mean_and_stderr((lp_pol - lp_ref).numpy())
 
 
+def sample_policy_and_reference(model, tokenizer, prompts, *, num_samples: int = 1, max_new_tokens: int = 40,
+                                seed: int = 1234, batch_size: int = 32) -> tuple[list, list[str], list[str]]:
+    """Completions of the policy and of its reference (adapter off) for the same ``prompts`` and seed.
+
+    Returns ``(prompts, policy, reference)``, three flat lists of ``len(prompts) * num_samples``, each
+    prompt repeated once per sample, so position i of the three lists is one comparable pair.
+    """
+    kwargs = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
+    policy = sample_completions(model, tokenizer, prompts, desc="Sampling policy", **kwargs)
+    with _reference(model):
+        reference = sample_completions(model, tokenizer, prompts, desc="Sampling reference", **kwargs)
+    flat_prompts = [p for p in prompts for _ in range(num_samples)]
+    return flat_prompts, [s for group in policy for s in group], [s for group in reference for s in group]
+
+
 def evaluate_against_reference(model, tokenizer, prompts, judge, *, num_samples: int = 1, max_new_tokens: int = 40,
                                seed: int = 1234, batch_size: int = 32) -> dict:
     """Sample from policy and reference on ``prompts``; judge, compare, estimate KL.
@@ -93,15 +108,9 @@ def evaluate_against_reference(model, tokenizer, prompts, judge, *, num_samples:
     Returns a flat dict of numbers plus ``examples`` (prompt, both completions, scores)
     for a side-by-side table.
     """
-    policy = sample_completions(model, tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                                seed=seed, batch_size=batch_size, desc="Sampling policy")
-    with _reference(model):
-        reference = sample_completions(model, tokenizer, prompts, num_samples=num_samples,
-                                       max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size,
-                                       desc="Sampling reference")
-    flat_prompts = [p for p in prompts for _ in range(num_samples)]
-    flat_pol = [s for group in policy for s in group]
-    flat_ref = [s for group in reference for s in group]
+    flat_prompts, flat_pol, flat_ref = sample_policy_and_reference(
+        model, tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seed,
+        batch_size=batch_size)
     pol_scores, ref_scores = judge(flat_pol), judge(flat_ref)
 
     kl, kl_se = kl_on_samples(model, tokenizer, flat_prompts, flat_pol)  # on the policy's own samples

@@ -89,7 +89,7 @@ def load_judge(spec: str, *, output_dir=None, criterion: str = "chat"):
 def evaluate(args) -> dict:
     import torch
 
-    from .generation import sample_completions
+    from .evaluate import sample_policy_and_reference
     from .judges import judged_win_rate, prompt_text
     from .presets import Preset
     from .report import token_lengths
@@ -108,12 +108,9 @@ def evaluate(args) -> dict:
     policy, tokenizer = models.policy, models.tokenizer
     new_tokens = args.max_new_tokens or (preset.sentiment_new_tokens if preset and args.prompts == "sentiment-heldout"
                                          else preset.max_new_tokens if preset else 64)
-    kwargs = dict(num_samples=args.samples, max_new_tokens=new_tokens, seed=args.seed, batch_size=args.batch_size)
-    pol = sample_completions(policy, tokenizer, prompts, desc="Policy", **kwargs)
-    with policy.disable_adapter():
-        ref = sample_completions(policy, tokenizer, prompts, desc="Reference", **kwargs)
-    flat_prompts = [p for p in prompts for _ in range(args.samples)]
-    flat_pol, flat_ref = [s for g in pol for s in g], [s for g in ref for s in g]
+    flat_prompts, flat_pol, flat_ref = sample_policy_and_reference(
+        policy, tokenizer, prompts, num_samples=args.samples, max_new_tokens=new_tokens, seed=args.seed,
+        batch_size=args.batch_size)
     with torch.inference_mode():
         out = judged_win_rate(judge, flat_prompts, flat_pol, flat_ref, seed=args.seed)
     pol_len, ref_len = token_lengths(tokenizer, flat_pol), token_lengths(tokenizer, flat_ref)

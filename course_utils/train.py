@@ -169,9 +169,6 @@ def upcast_trainable_to_fp32(model) -> list[str]:
     return changed
 
 
-FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
-
-
 def load_training_data(name: str, preset: Preset, tokenizer, *, on_error: str = "raise", on_long: str = "truncate",
                        reference=None, split: str | None = None, config: str | None = None):
     """``(train, test)`` datasets for ``--dataset``: ``auto``, ``sentiment``, a local file, a folder or a hub id.
