@@ -35,11 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cpu import cpu_supports_bf16
 from .evaluate import kl_on_samples, mean_and_stderr
 from .generation import chat_prompt, sample_completions
 from .gpu_budget import SHAPES, ModelShape, count_dpo_step_flops
-from .precision import trainer_step_one_tolerances
+from .precision import trainer_step_one_tolerances, training_dtype
 
 METHODS = ("reference", "bon", "dpo", "rloo")  # the order of every table and plot
 SATURATED = 0.9  # a VADER compound score this high is near its ceiling of 1: more reward is hardly possible
@@ -327,7 +326,7 @@ def run_online(preset, base, train_prompts, prompts, judge, grid: FrontierGrid, 
 
     tokenizer = base[1]
     # on CPU, the bf16 autocast the preset's DPO training uses (where native), so both trained methods get it
-    cpu_bf16 = not torch.cuda.is_available() and preset.cpu_bf16 and cpu_supports_bf16()
+    cpu_bf16 = not torch.cuda.is_available() and training_dtype(preset, on_gpu=False) is torch.bfloat16
     out = run_rloo(preset, base, train_prompts, None, judge, seed=seed,
                    learning_rate=grid.rloo_learning_rate, steps=grid.rloo_steps, beta=beta,
                    output_dir=Path(output_dir) / f"rloo-beta{beta:g}", num_generations=grid.num_generations,
