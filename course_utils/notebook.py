@@ -34,6 +34,32 @@ def versions() -> dict[str, str]:
     return out
 
 
+# Libraries whose deprecation notices (FutureWarning / DeprecationWarning) a learner can do nothing about:
+# they come from one library calling another (TRL calling a transformers property that is being renamed).
+LIBRARY_MODULES = r"(transformers|trl|peft|accelerate|datasets|bitsandbytes|lm_eval|torch)(\.|$)"
+# Loggers that print notices about the machine or the call, not about the learner's work: bitsandbytes' "no
+# optional CPU kernel package" line and lm-eval's "an already-loaded model was passed" lines.
+QUIET_LOGGERS = ("bitsandbytes", "lm_eval", "lm-eval")
+
+
+def quiet_library_warnings() -> None:
+    """Hide library notices that say nothing to a learner; keep every warning the course itself raises.
+
+    Filtered: deprecation warnings issued inside the libraries in :data:`LIBRARY_MODULES`, tqdm's "IProgress
+    not found" (no widgets in an executed notebook), and the notices of :data:`QUIET_LOGGERS` below ERROR.
+    Not filtered: anything issued from ``course_utils`` (dropped or cut rows, divergence, fallbacks) or from
+    the learner's own cells, and every library warning that is not a deprecation.
+    """
+    import logging
+    import warnings
+
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=LIBRARY_MODULES)
+    warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm in a notebook without ipywidgets
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def print_versions() -> None:
     import torch
 
