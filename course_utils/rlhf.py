@@ -229,12 +229,21 @@ def judge_reward(judge):
     return sentiment_reward
 
 
+def rloo_precision(preset: Preset) -> str:
+    """The dtype RLOO trains in: the preset's half precision on a GPU, float32 on a CPU (lesson 1 prints it).
+
+    TRL's ``bf16`` / ``fp16`` flags are set only on a GPU here: lesson 1's runs are short, and on a CPU fp32
+    keeps the "old" and "new" log-probs of an RLOO step identical (ratio 1, KL 0 at the first step).
+    """
+    return preset.dtype if torch.cuda.is_available() and preset.dtype in ("bfloat16", "float16") else "float32"
+
+
 def rloo_config(preset: Preset, output_dir, *, seed: int, learning_rate: float, steps: int, beta: float,
                 num_generations: int = 4, max_completion_length: int = 32, **overrides):
     """TRL ``RLOOConfig``: one prompt x ``num_generations`` samples per step, LoRA, KL to the reference."""
     from trl import RLOOConfig
 
-    on_gpu = torch.cuda.is_available()
+    on_gpu, dtype = torch.cuda.is_available(), rloo_precision(preset)
     kwargs = dict(
         output_dir=str(output_dir),
         max_steps=steps,  # optimiser steps, each on freshly generated samples
@@ -248,8 +257,8 @@ def rloo_config(preset: Preset, output_dir, *, seed: int, learning_rate: float, 
         num_iterations=1,  # updates per batch of samples; >1 is where PPO's clip starts to matter
         epsilon=0.2,  # the clip range of the ratio (PPO's epsilon)
         disable_dropout=True,  # else "old" and "new" log-probs see different dropout masks: ratio != 1, KL noise
-        bf16=preset.dtype == "bfloat16" and on_gpu,  # TRL defaults bf16=True; be explicit
-        fp16=preset.dtype == "float16" and on_gpu,
+        bf16=dtype == "bfloat16",  # TRL defaults bf16=True; be explicit
+        fp16=dtype == "float16",
         use_cpu=not on_gpu,
         activation_checkpointing=False,  # TRL defaults to checkpointing; 24-token completions do not need it
         logging_steps=1,  # every step's reward and KL, for the table

@@ -167,6 +167,20 @@ def test_ppo_objective_keeps_batch_shapes():
     assert out.shape == (2, 3) and torch.equal(out, torch.ones(2, 3, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("name", ["cpu", "tiny", "t4", "a100"])
+def test_rloo_precision_is_what_rloo_config_sets(name, tmp_path, monkeypatch):
+    """Lesson 1 prints rloo_precision; it must be the precision TRL is told to train in, on a CPU and a GPU."""
+    from course_utils.presets import get_preset
+
+    preset = get_preset(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert rlhf.rloo_precision(preset) == "float32"
+    config = rlhf.rloo_config(preset, tmp_path, seed=0, learning_rate=1e-4, steps=1, beta=0.05)
+    assert not config.bf16 and not config.fp16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # only the precision rule; TRL's config needs a real GPU
+    assert rlhf.rloo_precision(preset) == (preset.dtype if preset.dtype != "float32" else "float32")
+
+
 def test_judge_reward_accepts_trl_keyword_arguments():
     judge = lambda texts: [float(len(t)) for t in texts]
     reward = rlhf.judge_reward(judge)
