@@ -172,3 +172,50 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 100) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, metadata={"Software": None})
     return path
+
+
+def optimal_policy_curves(ref_probs, rewards, betas) -> np.ndarray:
+    """``π*_β(y) ∝ π_ref(y) exp(r(y)/β)`` (Eq. 4 of Rafailov et al., 2023) for each β: ``(B,)`` -> ``(B, K)``.
+
+    One row per β, one column per response; every row is a distribution. As β → ∞ the rows tend to
+    ``π_ref``, as β → 0 to all mass on the highest-reward response (among those ``π_ref`` can produce).
+    """
+    from .toy import optimal_policy
+
+    return np.stack([np.asarray(optimal_policy(ref_probs, rewards, float(b)), dtype=float) for b in betas])
+
+
+def plot_optimal_policy_vs_beta(ref_probs, rewards, betas=None, mark_beta: float | None = None, ax=None) -> Figure:
+    """π*(y) of Eq. 4 against β on a log axis, one curve per response, with both limits marked.
+
+    Left edge (β → 0): a marker at 1 for the highest-reward response and at 0 for the others. Right edge
+    (β → ∞): a marker at ``π_ref(y)`` for every response. The curves run between the two.
+
+    Args:
+        ref_probs, rewards: ``(K,)`` the reference distribution and the reward of the toy problem.
+        betas: x values; default ``logspace(-2, 2, 161)``.
+        mark_beta: draw a vertical line at this β (the lesson's own), if given.
+        ax: draw into this Axes instead of a new figure.
+    """
+    ref_probs, rewards = np.asarray(ref_probs, dtype=float), np.asarray(rewards, dtype=float)
+    betas = np.logspace(-2, 2, 161) if betas is None else np.asarray(betas, dtype=float)
+    curves = optimal_policy_curves(ref_probs, rewards, betas)  # (B, K)
+    fig, ax = _axes(ax, figsize=(7.5, 4.0))
+    lo, hi = betas.min() / 1.8, betas.max() * 1.8  # where the two limits are drawn, just outside the curves
+    best = int(np.argmax(np.where(ref_probs > 0, rewards, -np.inf)))
+    for k in range(len(ref_probs)):
+        (line,) = ax.semilogx(betas, curves[:, k], label=f"y{k} (r = {rewards[k]:+.2f})")
+        ax.plot([lo], [1.0 if k == best else 0.0], marker="<", color=line.get_color(), ms=7, clip_on=False)
+        ax.plot([hi], [ref_probs[k]], marker="o", color=line.get_color(), ms=6, clip_on=False)
+    ax.annotate(r"$\beta\to 0$: argmax $r$", (lo, 1.0), xytext=(6, -4), textcoords="offset points", fontsize=8,
+                color="0.35", va="top")
+    ax.annotate(r"$\beta\to\infty$: $\pi_{\mathrm{ref}}$", (hi, curves[-1].max()), xytext=(-4, 8),
+                textcoords="offset points", fontsize=8, color="0.35", ha="right")
+    if mark_beta is not None:
+        ax.axvline(mark_beta, color="0.6", lw=0.8, ls="--")
+        ax.annotate(rf"$\beta$ = {mark_beta:g}", (mark_beta, 1.0), xytext=(3, -4), textcoords="offset points",
+                    fontsize=8, color="0.4", va="top")
+    ax.set(xlabel=r"$\beta$ (log scale)", ylabel=r"$\pi^*(y)$", title=r"The optimum of Eq. 3 across $\beta$ (Eq. 4)",
+           xlim=(lo, hi), ylim=(-0.02, 1.02))
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return fig
