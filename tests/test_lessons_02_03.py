@@ -62,6 +62,10 @@ def test_lesson_02_derivation_checks_out(lesson_02):
     assert r["toy_dpo_final_loss"] < r["toy_dpo_step0_loss"]
     assert r["toy_kl_dpo_to_optimum"] < 1e-3  # DPO on sampled pairs lands on π*
     assert r["toy_pairs"] > 100_000
+    # 5.4: pairs from another model miss π* by far more than pairs from π_ref; SFT on the chosen answers first
+    # brings DPO back near its own optimum
+    assert r["toy_kl_dpo_off_policy"] > 10 * r["toy_kl_dpo_to_optimum"]
+    assert r["toy_kl_dpo_sft_first"] < r["toy_kl_dpo_off_policy"] / 10
 
 
 def test_lesson_02_loss_matches_trl(lesson_02):
