@@ -86,6 +86,20 @@ def kl_on_samples(model, tokenizer, prompts, completions) -> tuple[float, float]
     return mean_and_stderr((lp_pol - lp_ref).numpy())
 
 
+def kl_k3_on_samples(model, tokenizer, prompts, completions) -> tuple[float, float]:
+    """The k3 estimate of KL(pi || pi_ref) in nats per completion, with its standard error.
+
+    Per sampled token, with ``r_t = pi_ref(y_t | x, y_<t) / pi(y_t | x, y_<t)``: ``k3 = sum_t (r_t - 1) - log r_t``
+    (Schulman, "Approximating KL divergence", 2020). Each term is >= 0 (``log r <= r - 1``), and its expectation
+    under ``pi`` equals k1's, because ``E_pi[r_t - 1] = 0`` at every position. Same samples and scoring as
+    :func:`kl_on_samples` (lesson 5's exercise 3 compares the two; the lesson checks the learner's k3 with this).
+    """
+    pol = sequence_logprobs(model, tokenizer, prompts, completions, per_token=True)
+    ref = sequence_logprobs(model, tokenizer, prompts, completions, disable_adapter=True, per_token=True)
+    log_r = [r - p for p, r in zip(pol, ref)]  # each (T_i,)
+    return mean_and_stderr(np.array([(lr.exp() - 1 - lr).sum().item() for lr in log_r]))
+
+
 def sample_policy_and_reference(model, tokenizer, prompts, *, num_samples: int = 1, max_new_tokens: int = 40,
                                 seed: int = 1234, batch_size: int = 32) -> tuple[list, list[str], list[str]]:
     """Completions of the policy and of its reference (adapter off) for the same ``prompts`` and seed.

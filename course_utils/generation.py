@@ -12,7 +12,7 @@ import contextlib
 import torch
 from tqdm.auto import tqdm
 
-from .losses import sequence_logps
+from .losses import token_logps
 
 
 def chat_prompt(tokenizer, prompt) -> str:
@@ -83,8 +83,12 @@ def sequence_logprobs(
     *,
     batch_size: int = 16,
     disable_adapter: bool = False,
-) -> torch.Tensor:
+    per_token: bool = False,
+) -> torch.Tensor | list[torch.Tensor]:
     """Summed log-probability of each completion given its prompt: ``log pi(y | x)``, shape ``(N,)``.
+
+    With ``per_token=True``, the terms of each sum instead: a list of N tensors, the i-th of shape
+    ``(len(completion_i tokens),)`` (what a per-token KL estimator such as k3 needs).
 
     The completion is tokenised after the formatted prompt and followed by the
     template's end-of-turn token (the model must learn to stop), unless it already ends with it. With
@@ -115,7 +119,11 @@ def sequence_logprobs(
                     attn[i, : len(p) + len(c)] = 1
                     mask[i, len(p) : len(p) + len(c)] = True
                 logits = model(input_ids=ids.to(model.device), attention_mask=attn.to(model.device)).logits
-                result.append(sequence_logps(logits, ids.to(logits.device), mask.to(logits.device)).cpu())
+                terms = token_logps(logits, ids.to(logits.device), mask.to(logits.device)).cpu()  # (b, width-1)
+                if per_token:
+                    result.extend(row[m] for row, m in zip(terms, mask[:, 1:]))
+                else:
+                    result.append(terms.sum(dim=-1))
     finally:
         model.train(was_training)
-    return torch.cat(result)
+    return result if per_token else torch.cat(result)

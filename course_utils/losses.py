@@ -42,8 +42,8 @@ _SMOOTHED_LOSS_TYPES = ("sigmoid", "robust")
 # ---------------------------------------------------------------------------------------------
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-    """Summed log-probability of each sequence's completion tokens.
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each completion token, 0 elsewhere: the terms :func:`sequence_logps` sums.
 
     Position ``t`` of the logits predicts token ``t + 1``, so the logits drop their last
     position and the labels and mask their first (the standard one-position shift).
@@ -56,7 +56,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, completion_mask: 
             completion (TRL's ``completion_mask``; or ``labels != -100``), 0 for prompt and padding.
 
     Returns:
-        ``(B,)`` float32 tensor: ``Σ_t mask[t] · log softmax(logits[t-1])[labels[t]]``.
+        ``(B, T-1)`` float32 tensor: ``mask[t] · log softmax(logits[t-1])[labels[t]]`` at column ``t-1``.
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2] or completion_mask.shape != labels.shape:
         raise ValueError(
@@ -71,7 +71,15 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, completion_mask: 
     # log softmax(z)[y] = z_y - logsumexp(z). One row at a time in float32: the peak extra memory
     # is one (T, V) slice, never a full (B, T, V) log_softmax copy, and bf16 logits stay accurate.
     normalizer = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])  # (B, T-1)
-    return ((picked - normalizer) * mask).sum(dim=-1)
+    return (picked - normalizer) * mask
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability of each sequence's completion tokens, ``log π(y|x)``: (B, T, V) logits -> (B,).
+
+    Arguments as in :func:`token_logps`; returns ``Σ_t mask[t] · log softmax(logits[t-1])[labels[t]]``, float32.
+    """
+    return token_logps(logits, labels, completion_mask).sum(dim=-1)
 
 
 def completion_lengths(completion_mask: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
-from course_utils.evaluate import evaluate_against_reference, implicit_reward_accuracy, win_rate
+from course_utils.evaluate import (evaluate_against_reference, implicit_reward_accuracy, kl_k3_on_samples, kl_on_samples,
+                                   win_rate)
+from course_utils.generation import sequence_logprobs
 from course_utils.sentiment import SentimentJudge, sentiment_prompt
 
 
@@ -51,3 +53,25 @@ def test_kl_is_positive_once_the_policy_moves(fresh_lora, tokenizer, tiny_pairs)
                                      max_new_tokens=8, seed=3)
     assert out["kl"] > 0.01 and math.isfinite(out["kl"])
     assert len(out["examples"]) == 16
+
+
+def test_k3_and_per_token_log_probs(fresh_lora, tokenizer, tiny_pairs):
+    """Per-token terms sum to the sequence log-probs; k3 is 0 for an untrained adapter and >= 0, near k1, once it moves."""
+    prompts = [sentiment_prompt(o) for o in tiny_pairs[1][:6]]
+    completions = ["It was a good film.", "Bad.", "I liked the actors and the music a lot", "no", "Fine", "ok then"]
+    terms = sequence_logprobs(fresh_lora, tokenizer, prompts, completions, per_token=True, batch_size=4)
+    sums = sequence_logprobs(fresh_lora, tokenizer, prompts, completions, batch_size=4)
+    assert [len(t) for t in terms] == [len(tokenizer(c + tokenizer.eos_token, add_special_tokens=False)["input_ids"])
+                                       for c in completions]  # every completion token and the end-of-turn token
+    assert torch.allclose(torch.stack([t.sum() for t in terms]), sums, atol=1e-5)
+    assert kl_k3_on_samples(fresh_lora, tokenizer, prompts, completions)[0] == pytest.approx(0.0, abs=1e-6)  # B = 0
+    with torch.no_grad():
+        for name, p in fresh_lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    k3, k3_se = kl_k3_on_samples(fresh_lora, tokenizer, prompts, completions)
+    pol = sequence_logprobs(fresh_lora, tokenizer, prompts, completions, per_token=True)
+    ref = sequence_logprobs(fresh_lora, tokenizer, prompts, completions, per_token=True, disable_adapter=True)
+    by_hand = [((r - p).exp() - 1 - (r - p)).sum().item() for p, r in zip(pol, ref)]  # one value per completion
+    assert all(v > 0 for v in by_hand)  # every term (r - 1) - log r is >= 0, and the adapter moved every token
+    assert k3 == pytest.approx(sum(by_hand) / len(by_hand), rel=1e-5) and k3_se > 0
