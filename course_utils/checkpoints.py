@@ -145,6 +145,10 @@ def train_with_resume(trainer, resume: bool | str | Path = True):
             fresh (old checkpoints are overwritten or rotated away). A path: resume from
             exactly that checkpoint.
 
+    Sets ``trainer.resumed_from`` (the checkpoint, or None) and ``trainer.resumed_from_step`` (its step, 0 for a
+    fresh start) before training: with ``save_total_limit`` the checkpoint itself may be deleted by the time
+    ``train()`` returns.
+
     A checkpoint made by another preset or base model (``trainer.course_run``, set by
     ``build_trainer``, against the checkpoint's ``course_run.json``) raises :class:`ResumeMismatch`
     before anything is loaded.
@@ -166,6 +170,8 @@ def train_with_resume(trainer, resume: bool | str | Path = True):
         check_resumable(found, getattr(trainer, "course_run", None), _trainer_base_model(trainer))
         print(f"Resuming from {found} (step {checkpoint_step(found)} of {trainer.args.max_steps}).")
     trainer.resumed_from = found  # so a caller can tell how many steps this session trained
+    # read now: save_total_limit may rotate that checkpoint away before train() returns
+    trainer.resumed_from_step = checkpoint_step(found) if found is not None else 0
     return trainer.train(resume_from_checkpoint=str(found) if found else None)
 
 

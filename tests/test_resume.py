@@ -91,6 +91,27 @@ def test_resume_from_an_explicit_path_must_be_complete(tmp_path):
         train_with_resume(Trainer(), tmp_path / "checkpoint-3")
 
 
+def test_the_resumed_step_survives_checkpoint_rotation(tmp_path):
+    """save_total_limit may delete the checkpoint a run resumed from before train() returns: its step is kept."""
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+
+    class Args:
+        output_dir, max_steps = str(tmp_path), 10
+
+    class Trainer:
+        args = Args()
+
+        def train(self, resume_from_checkpoint=None):
+            shutil.rmtree(checkpoint)  # rotated away by newer checkpoints
+            return resume_from_checkpoint
+
+    trainer = Trainer()
+    assert train_with_resume(trainer, True) == str(checkpoint)
+    assert trainer.resumed_from == checkpoint and trainer.resumed_from_step == 3
+
+
 def test_a_finished_run_is_not_resumed(uninterrupted, capsys, tmp_path):
     """Re-running a finished lesson trains again (in a copy of the finished run's folder)."""
     finished = Path(uninterrupted["output_dir"])
