@@ -78,6 +78,18 @@ def test_lesson_02_loss_matches_trl(lesson_02):
     assert r["wall_seconds"] < 120  # budget 60 s on tiny; twice that before failing on a busy machine
 
 
+def test_lesson_02_scratch_loop(lesson_02):
+    """Section 8: the from-scratch loop takes TRL's steps, and learns its training pairs beyond the held-out ones."""
+    r = lesson_02
+    assert r["loop_vs_trl_max_loss_diff"] < 1e-4  # the lesson's LOOP_TOLERANCE (measured on tiny: under 1e-6)
+    assert r["loop_vs_trl_max_margin_diff"] < 1e-4
+    assert r["loop_final_train_margin"] > 0
+    assert r["loop_final_train_margin"] > r["loop_final_held_out_margin"]
+    # per-token margins are the summed ones divided by ~25 tokens: smaller, same sign on average
+    assert 0 < r["loop_per_token_margin_mean"] < r["loop_summed_margin_mean"]
+    assert r["loop_section_seconds"] < 60  # budget 15 s on tiny; four times that before failing on a busy machine
+
+
 def test_lesson_03_pairs_and_validation(lesson_03):
     r = lesson_03
     assert r["train_pairs"] > 0 and r["test_pairs"] > 0
