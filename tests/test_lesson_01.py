@@ -35,7 +35,8 @@ def test_notebook_follows_the_conventions():
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1 and 'PRESET = "auto"' in tagged[0].source and "SEED = 0" in tagged[0].source
     assert sum(c.source.startswith("# Check:") for c in nb.cells) >= 6
-    assert any("# TODO" in c.source for c in nb.cells) and "## Questionnaire" in nb.cells[-1].source
+    assert any("# TODO" in c.source for c in nb.cells) and "## Questionnaire" in nb.cells[-2].source
+    assert nb.cells[-1].source.startswith("### Answers")  # the questionnaire's collapsed answers close the lesson
 
 
 @pytest.fixture(scope="module")
