@@ -315,7 +315,9 @@ def run_rloo(preset: Preset, base, train_prompts, eval_prompts, judge, *, seed: 
     finally:
         tokenizer.padding_side = padding_side  # the tokenizer is shared with the caller
     train_seconds = time.perf_counter() - start
-    logs = [h for h in trainer.state.log_history if "reward" in h]
+    logs = [h for h in trainer.state.log_history if "reward" in h]  # the steps that sampled (and scored) a batch
+    # every optimiser step: with num_iterations > 1 the steps that reuse a batch log the clip but no reward
+    updates = [h for h in trainer.state.log_history if "clip_ratio/region_mean" in h]
     final = None if eval_prompts is None else mean_judge_reward(
         trainer.model, tokenizer, eval_prompts, judge, num_samples=eval_samples,
         max_new_tokens=max_completion_length, seed=eval_seed)
@@ -326,7 +328,7 @@ def run_rloo(preset: Preset, base, train_prompts, eval_prompts, judge, *, seed: 
         "final_reward": final,  # mean judge score on the held-out prompts after training
         "train_rewards": [h["reward"] for h in logs],  # mean judge score of each step's samples
         "kl": [h.get("kl") for h in logs],  # per-token log(pi / pi_ref) of the samples, averaged
-        "clip_ratio": [h.get("clip_ratio/region_mean") for h in logs],  # fraction of sequences clipped
+        "clip_ratio": [h["clip_ratio/region_mean"] for h in updates],  # fraction of sequences clipped, every step
         "completion_lengths": [h.get("completions/mean_length") for h in logs],  # generated tokens per sample
         "train_seconds": train_seconds,
         "seconds": time.perf_counter() - start,

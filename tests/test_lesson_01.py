@@ -35,7 +35,8 @@ def test_notebook_follows_the_conventions():
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1 and 'PRESET = "auto"' in tagged[0].source and "SEED = 0" in tagged[0].source
     assert sum(c.source.startswith("# Check:") for c in nb.cells) >= 6
-    assert any("# TODO" in c.source for c in nb.cells) and "## Questionnaire" in nb.cells[-1].source
+    assert any("# TODO" in c.source for c in nb.cells) and "## Questionnaire" in nb.cells[-2].source
+    assert nb.cells[-1].source.startswith("### Answers")  # the questionnaire's collapsed answers close the lesson
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +266,17 @@ def test_rloo_run_leaves_the_base_model_untouched(tiny_pairs, tiny_preset, tmp_p
     after = dict(base[0].named_parameters())
     assert all(torch.equal(after[n], p) for n, p in before.items())  # every run trains its own copy
     assert not any("lora_" in n for n in after)
+
+
+def test_rloo_reports_the_clip_of_every_optimiser_step(tiny_pairs, tiny_preset, tmp_path, one_thread):
+    """num_iterations=2 (exercise level 3): the second pass over a batch logs its clip but no reward; it must not be lost."""
+    from course_utils.models import load_model
+    from course_utils.sentiment import SentimentJudge
+
+    base = load_model("tiny", seed=tiny_preset.seed)
+    run = rlhf.run_rloo(tiny_preset, base, list(tiny_pairs[0]["train"]["prompt"]), None, SentimentJudge(), seed=0,
+                        learning_rate=1e-2, steps=2, output_dir=tmp_path, max_completion_length=8,
+                        config_overrides={"num_iterations": 2})
+    assert len(run["train_rewards"]) == 1  # one batch sampled, used for both steps
+    assert len(run["clip_ratio"]) == 2 and run["clip_ratio"][0] == 0.0  # first pass: ratio 1; second: measured
+    assert 0.0 <= run["clip_ratio"][1] <= 1.0
