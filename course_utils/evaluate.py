@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .generation import sample_completions, sequence_logprobs
+from .generation import sample, sequence_logprobs, sequence_logprobs_of_ids
 
 
 @dataclass
@@ -86,6 +86,19 @@ def kl_on_samples(model, tokenizer, prompts, completions) -> tuple[float, float]
     return mean_and_stderr((lp_pol - lp_ref).numpy())
 
 
+def kl_on_sampled_ids(model, samples) -> tuple[float, float]:
+    """:func:`kl_on_samples` on exactly the sampled tokens: ``samples`` is the policy's :class:`~.decode.Samples`.
+
+    Decoding to text and tokenising again can give other tokens than the ones sampled (tokenisation is not a
+    bijection); the estimate is only unbiased over the sampled ones. A completion cut at ``max_new_tokens`` is scored
+    as sampled, without an end-of-turn token.
+    """
+    kwargs = dict(pad_id=0, batch_size=16)
+    lp_pol = sequence_logprobs_of_ids(model, samples.prompt_ids, samples.completion_ids, **kwargs)
+    lp_ref = sequence_logprobs_of_ids(model, samples.prompt_ids, samples.completion_ids, disable_adapter=True, **kwargs)
+    return mean_and_stderr((lp_pol - lp_ref).numpy())
+
+
 def kl_k3_on_samples(model, tokenizer, prompts, completions) -> tuple[float, float]:
     """The k3 estimate of KL(pi || pi_ref) in nats per completion, with its standard error.
 
@@ -101,33 +114,36 @@ def kl_k3_on_samples(model, tokenizer, prompts, completions) -> tuple[float, flo
 
 
 def sample_policy_and_reference(model, tokenizer, prompts, *, num_samples: int = 1, max_new_tokens: int = 40,
-                                seed: int = 1234, batch_size: int = 32) -> tuple[list, list[str], list[str]]:
+                                seed: int = 1234, batch_size: int | None = None, return_samples: bool = False):
     """Completions of the policy and of its reference (adapter off) for the same ``prompts`` and seed.
 
     Returns ``(prompts, policy, reference)``, three flat lists of ``len(prompts) * num_samples``, each
-    prompt repeated once per sample, so position i of the three lists is one comparable pair.
+    prompt repeated once per sample, so position i of the three lists is one comparable pair. With
+    ``return_samples=True`` a fourth item: the policy's :class:`~.decode.Samples` (its sampled token ids).
+    Both sides draw the same random numbers per row (:mod:`course_utils.decode`).
     """
     kwargs = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size)
-    policy = sample_completions(model, tokenizer, prompts, desc="Sampling policy", **kwargs)
+    policy = sample(model, tokenizer, prompts, desc="Sampling policy", **kwargs)
     with _reference(model):
-        reference = sample_completions(model, tokenizer, prompts, desc="Sampling reference", **kwargs)
+        reference = sample(model, tokenizer, prompts, desc="Sampling reference", **kwargs)
     flat_prompts = [p for p in prompts for _ in range(num_samples)]
-    return flat_prompts, [s for group in policy for s in group], [s for group in reference for s in group]
+    out = (flat_prompts, policy.texts, reference.texts)
+    return (*out, policy) if return_samples else out
 
 
 def evaluate_against_reference(model, tokenizer, prompts, judge, *, num_samples: int = 1, max_new_tokens: int = 40,
-                               seed: int = 1234, batch_size: int = 32) -> dict:
+                               seed: int = 1234, batch_size: int = 128) -> dict:
     """Sample from policy and reference on ``prompts``; judge, compare, estimate KL.
 
     Returns a flat dict of numbers plus ``examples`` (prompt, both completions, scores)
     for a side-by-side table.
     """
-    flat_prompts, flat_pol, flat_ref = sample_policy_and_reference(
+    flat_prompts, flat_pol, flat_ref, pol_samples = sample_policy_and_reference(
         model, tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens, seed=seed,
-        batch_size=batch_size)
+        batch_size=batch_size, return_samples=True)
     pol_scores, ref_scores = judge(flat_pol), judge(flat_ref)
 
-    kl, kl_se = kl_on_samples(model, tokenizer, flat_prompts, flat_pol)  # on the policy's own samples
+    kl, kl_se = kl_on_sampled_ids(model, pol_samples)  # on the policy's own samples, the tokens it drew
     wr = win_rate(pol_scores, ref_scores, seed=seed)
     pol_reward, pol_se = mean_and_stderr(pol_scores)
     ref_reward, ref_se = mean_and_stderr(ref_scores)

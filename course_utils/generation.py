@@ -2,7 +2,7 @@
 
 Both the data generator (pairs are sampled from the reference policy, as in the DPO
 paper's controlled-sentiment experiment) and the evaluation (policy vs reference
-samples, KL estimates) use these two functions.
+samples, KL estimates) use these functions. Decoding itself is :mod:`course_utils.decode`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from tqdm.auto import tqdm
 
+from .decode import Samples, decode, sampling_model
 from .losses import token_logps
 
 
@@ -25,7 +25,48 @@ def chat_prompt(tokenizer, prompt) -> str:
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
-@torch.inference_mode()
+def encode_prompts(tokenizer, prompts: list) -> list[list[int]]:
+    """Token ids of each prompt after :func:`chat_prompt` (no special tokens added: the template has them)."""
+    return [tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+
+
+def adapter_enabled(model) -> bool:
+    """False when ``model`` is a PEFT model whose adapter is switched off (inside ``disable_adapter()``)."""
+    if not hasattr(model, "disable_adapter"):
+        return True
+    for module in model.modules():
+        if hasattr(module, "disable_adapters") and hasattr(module, "lora_A"):
+            return not module.disable_adapters
+    return True
+
+
+def sample(
+    model,
+    tokenizer,
+    prompts: list,
+    *,
+    num_samples: int = 1,
+    max_new_tokens: int = 40,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: int | None = None,
+    dtype="auto",
+    desc: str | None = "Sampling",
+) -> Samples:
+    """``num_samples`` completions of every prompt, with the token ids that were sampled (:class:`~.decode.Samples`).
+
+    The policy is decoded with its adapter merged into a copy of the weights, the reference (a PEFT model inside
+    ``disable_adapter()``) from the base weights; on a CPU with native bf16 that copy is bf16 (``dtype="auto"``,
+    see :func:`course_utils.decode.sampling_model`). ``temperature=0`` decodes greedily. Pure ancestral sampling
+    (no top-k / top-p): with the default 1.0 the samples follow the model's own distribution, which the KL estimate
+    relies on. Reproducible for a seed, and a row's random numbers do not depend on ``batch_size``.
+    """
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    with sampling_model(model, adapter=adapter_enabled(model), dtype=dtype) as sampler:
+        return decode(sampler, tokenizer, prompt_ids, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                      temperature=temperature, seed=seed, batch_size=batch_size, desc=desc)
+
+
 def sample_completions(
     model,
     tokenizer,
@@ -35,43 +76,17 @@ def sample_completions(
     max_new_tokens: int = 40,
     temperature: float = 1.0,
     seed: int = 0,
-    batch_size: int = 32,
-    desc: str = "Sampling",
+    batch_size: int | None = None,
+    dtype="auto",
+    desc: str | None = "Sampling",
 ) -> list[list[str]]:
     """Draw ``num_samples`` completions for every prompt; returns ``[len(prompts)][num_samples]`` strings.
 
-    Pure ancestral sampling (no top-k / top-p) at ``temperature``: with the default
-    1.0 the samples follow the model's own distribution, which the KL estimate in
-    :func:`sequence_logprobs` relies on. Deterministic for a seed on CPU.
+    The texts of :func:`sample` (same arguments); use :func:`sample` itself where the sampled token ids matter,
+    e.g. to score exactly those tokens (:func:`sequence_logprobs_of_ids`).
     """
-    texts = [chat_prompt(tokenizer, p) for p in prompts]
-    flat = [t for t in texts for _ in range(num_samples)]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation appends on the right, so pad on the left
-    was_training = model.training
-    model.eval()
-    out: list[str] = []
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            for start in tqdm(range(0, len(flat), batch_size), desc=desc, unit="batch"):
-                batch = tokenizer(flat[start : start + batch_size], return_tensors="pt", padding=True,
-                                  add_special_tokens=False).to(model.device)
-                generated = model.generate(
-                    **batch,
-                    do_sample=True,
-                    temperature=temperature,
-                    top_k=0,
-                    top_p=1.0,
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-                new = generated[:, batch["input_ids"].shape[1] :]
-                out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
-    return [[s.strip() for s in out[i * num_samples : (i + 1) * num_samples]] for i in range(len(prompts))]
+    return sample(model, tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                  temperature=temperature, seed=seed, batch_size=batch_size, dtype=dtype, desc=desc).grouped()
 
 
 @torch.inference_mode()
@@ -102,7 +117,31 @@ def sequence_logprobs(
         end = "" if eos and completion.endswith(eos) else eos  # orca's answers arrive with it (data.py), as TRL does
         c_ids = tokenizer(completion + end, add_special_tokens=False)["input_ids"]
         rows.append((p_ids, c_ids))
+    return sequence_logprobs_of_ids(model, [p for p, _ in rows], [c for _, c in rows], pad_id=tokenizer.pad_token_id,
+                                    batch_size=batch_size, disable_adapter=disable_adapter, per_token=per_token)
+
+
+@torch.inference_mode()
+def sequence_logprobs_of_ids(
+    model,
+    prompt_ids: list[list[int]],
+    completion_ids: list[list[int]],
+    *,
+    pad_id: int = 0,
+    batch_size: int = 16,
+    disable_adapter: bool = False,
+    per_token: bool = False,
+) -> torch.Tensor | list[torch.Tensor]:
+    """Summed log-probability of the given completion *ids* after the given prompt ids, shape ``(N,)``.
+
+    No tokenisation: scores exactly these tokens, e.g. the ones :func:`sample` drew (``Samples.completion_ids``),
+    so a Monte-Carlo KL is taken over the tokens that were sampled (decoding to text and tokenising again is not
+    a bijection). ``per_token`` and ``disable_adapter`` as in :func:`sequence_logprobs`. An empty completion
+    scores 0.
+    """
+    rows = list(zip(prompt_ids, completion_ids, strict=True))
     context = model.disable_adapter() if disable_adapter else contextlib.nullcontext()
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     result = []
@@ -111,14 +150,14 @@ def sequence_logprobs(
             for start in range(0, len(rows), batch_size):
                 chunk = rows[start : start + batch_size]
                 width = max(len(p) + len(c) for p, c in chunk)
-                ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
                 attn = torch.zeros_like(ids)
                 mask = torch.zeros_like(ids, dtype=torch.bool)  # True on completion tokens
                 for i, (p, c) in enumerate(chunk):
-                    ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+                    ids[i, : len(p) + len(c)] = torch.tensor(list(p) + list(c))
                     attn[i, : len(p) + len(c)] = 1
                     mask[i, len(p) : len(p) + len(c)] = True
-                logits = model(input_ids=ids.to(model.device), attention_mask=attn.to(model.device)).logits
+                logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
                 terms = token_logps(logits, ids.to(logits.device), mask.to(logits.device)).cpu()  # (b, width-1)
                 if per_token:
                     result.extend(row[m] for row, m in zip(terms, mask[:, 1:]))

@@ -34,7 +34,7 @@ from .models import cache_dir
 
 INSTRUCTION = "Continue this movie review with one or two sentences.\n\n{opening}"
 GENERATOR_MODEL = "smollm2-135m"  # the generator of the cpu preset, and of tiny (whose model is random)
-_DATA_VERSION = 1  # bump when the recipe changes, to invalidate caches
+_DATA_VERSION = 2  # bump when the recipe changes, to invalidate caches (2: the course's own decoder, decode.py)
 
 
 def load_openings() -> list[str]:
@@ -158,8 +158,8 @@ def make_pairs(openings, *, samples_per_prompt=4, max_new_tokens=40, seed=0, min
     ``generator`` is ``(model, tokenizer)``, or a function returning it; when omitted, ``preset``'s :func:`pair_generator`
     is loaded (SmolLM2 without a preset). Cached on disk by the recipe's parameters (the
     generator's name and quantisation included), so a second call returns instantly. ``bf16``:
-    CPU bf16 autocast while sampling, and ``batch_size`` rows at a time; with 128 rows
-    that sampled 1.75x faster than fp32 with 32 on the project's 2-core machine.
+    decode a bf16 copy of the generator (CPUs with native bf16), ``batch_size`` rows at a time
+    (course_utils/decode.py; docs/performance.md has the measured speed).
     """
     name = pair_generator(preset) if preset is not None else GENERATOR_MODEL
     quantised = f"nf4-{preset.dtype}" if preset is not None and preset.load_in_4bit and preset.name != "tiny" else ""
@@ -174,11 +174,11 @@ def make_pairs(openings, *, samples_per_prompt=4, max_new_tokens=40, seed=0, min
         if callable(generator):  # loaded on first need, once for both splits (sentiment_dataset)
             generator = generator()
         model, tokenizer = generator or (_load_generator(preset) if preset is not None else load_model(GENERATOR_MODEL))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # bf16 matmuls, sampling in fp32
-            samples = sample_completions(
-                model, tokenizer, [sentiment_prompt(o) for o in openings], num_samples=samples_per_prompt,
-                max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, desc="Sampling preference pairs",
-            )
+        samples = sample_completions(  # bf16: a bf16 copy of the weights decodes (course_utils/decode.py)
+            model, tokenizer, [sentiment_prompt(o) for o in openings], num_samples=samples_per_prompt,
+            max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, desc="Sampling preference pairs",
+            dtype=torch.bfloat16 if bf16 else None,
+        )
         judge = SentimentJudge()
         scores = [judge(s) for s in samples]
         tmp = path.with_suffix(".tmp")
