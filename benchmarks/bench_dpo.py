@@ -44,6 +44,9 @@ import torch
 
 from course_utils.cpu import machine_info
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_generation  # noqa: E402  (benchmarks/ is not a package)
+
 BATCH = 4  # pairs per step, as in the issue's baseline and the cpu preset
 LORA_R, LORA_ALPHA = 8, 16
 RECIPE = dict(  # what is optimised: identical in every run, so the losses must agree
@@ -301,11 +304,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the headline pair (a b / b a ...)")
     parser.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True,
                         help="also run the course preset with each lever undone (once, in the first round)")
+    parser.add_argument("--training", action=argparse.BooleanOptionalAction, default=True,
+                        help="the training runs (TRL's defaults against the cpu preset)")
+    parser.add_argument("--generation", action=argparse.BooleanOptionalAction, default=True,
+                        help="the generation runs (transformers' generate against the course's decoder)")
     parser.add_argument("--output", default="build/bench.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child == "greedy_check":
+        return bench_generation.greedy_check(args.result)
+    if args.child in bench_generation.CONFIGS:
+        return bench_generation.run_child(args.child, args.result)
     if args.child:
         return run_child(args.child, args.data, args.steps, args.result)
     if args.steps < 3:
@@ -319,18 +330,33 @@ def main(argv=None) -> dict:
     env = {**os.environ, "DPO_COURSE_REFERENCE_CACHE": str(work / "reference-cache"),  # starts cold
            "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
     extra = [n for n in CONFIGS if n not in HEADLINE] if args.ablations else []
+    gen_headline = [n for pair in bench_generation.HEADLINE.values() for n in pair]
+    gen_extra = [n for n in bench_generation.CONFIGS if n not in gen_headline] if args.ablations else []
     rounds = []
     for i in range(args.repeats):
         pair = list(HEADLINE) if i % 2 == 0 else list(reversed(HEADLINE))
-        rounds.append(pair + (extra if i == 0 else []))  # each lever undone once; the headline pair every round
+        names = (pair + (extra if i == 0 else [])) if args.training else []  # each lever undone once
+        if args.generation:
+            gen = gen_headline if i % 2 == 0 else list(reversed(gen_headline))
+            names += gen + (gen_extra + ["greedy_check"] if i == 0 else [])
+        rounds.append(names)
     peaks = {"float32": [], "bfloat16": []}
-    runs = []
+    runs, gen_runs, greedy = [], [], {}
     progress = tqdm(total=sum(map(len, rounds)), desc="benchmark runs")
     for i, names in enumerate(rounds):
         for name in names:
             for dtype in peaks:
                 peaks[dtype].append(matmul_peak(getattr(torch, dtype)))
             result = work / f"{name}-{i}.json"
+            if name == "greedy_check":
+                cmd = [sys.executable, __file__, "--child", name, "--result", str(result)]
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+                    raise SystemExit("error: the greedy check failed")
+                greedy = json.loads(result.read_text())
+                progress.update()
+                continue
             cmd = [sys.executable, __file__, "--child", name, "--data", str(data), "--steps", str(args.steps),
                    "--result", str(result)]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -339,11 +365,24 @@ def main(argv=None) -> dict:
                 raise SystemExit(f"error: benchmark run {name!r} failed (exit {proc.returncode})")
             run = json.loads(result.read_text())
             run["round"] = i
+            if name in bench_generation.CONFIGS:
+                gen_runs.append(run)
+                progress.set_postfix_str(f"{name}: {run['tokens_per_second']:.0f} tokens/s")
+                progress.update()
+                continue
             runs.append(run)
             progress.set_postfix_str(f"{name}: {run['median_step_seconds']:.2f} s/step")
             progress.update()
     progress.close()
-    summary = summarise(runs, peaks)
+    summary = summarise(runs, peaks) if runs else {}
+    fp32_peak, bf16_peak = (statistics.median(peaks[k]) for k in ("float32", "bfloat16"))
+    if runs:
+        course = summary["configs"][HEADLINE[1]]
+        summary["training"] = {"speedup": summary["speedup"], "fraction_of_fp32_peak": summary["fraction_of_peak"],
+                               "fraction_of_bf16_peak": course["fraction_of_bf16_peak"]}
+    if gen_runs:
+        summary["generation"] = bench_generation.summarise(gen_runs, greedy, bf16_peak, fp32_peak)
+        summary["generation_runs"] = gen_runs
     report = {
         # CPU model, cores, ISA caps and the oneDNN kernel bf16 products ran: figures from different CPUs differ
         "machine": machine_info(),
@@ -354,6 +393,8 @@ def main(argv=None) -> dict:
         "pairs_per_step": BATCH,
         "lora": {"r": LORA_R, "alpha": LORA_ALPHA},
         "recipe": RECIPE,
+        "fp32_matmul_peak_flops": fp32_peak,
+        "bf16_matmul_peak_flops": bf16_peak,
         **summary,
         "runs": runs,
     }
@@ -368,17 +409,31 @@ def main(argv=None) -> dict:
 def print_table(report: dict) -> None:
     m = report["machine"]
     print(f"\n{m['cpu_model']}, {m['cpu_count']} cores, {m['hardware_isa']}; bf16 products ran {m['bf16_matmul_kernel']}")
+    print(f"matmul peak: fp32 {report['fp32_matmul_peak_flops'] / 1e9:.0f} GFLOP/s, "
+          f"bf16 {report['bf16_matmul_peak_flops'] / 1e9:.0f} GFLOP/s")
+    if "generation" in report:
+        g = report["generation"]
+        print(f"\n{'generation run':34s} {'tokens/s':>9s} {'GFLOP/s':>8s} {'of bf16 peak':>12s} {'dtype':>15s}")
+        for name, c in g["configs"].items():
+            print(f"{name:34s} {c['tokens_per_second']:9.0f} {c['flops_per_second'] / 1e9:8.1f} "
+                  f"{c['fraction_of_bf16_peak']:12.3f} {c['dtype']:>15s}")
+        print(f"generation speedup (course over generate; the smaller side): {g['speedup']:.2f}  "
+              f"{ {k: round(v['median'], 2) for k, v in g['speedup_by_side'].items()} }")
+        print(f"what undoing each lever costs (course_policy over it): "
+              f"{ {k: round(v, 2) for k, v in g['lever_speedups'].items()} }")
+        print(f"greedy tokens identical to generate on the same weights: {g['greedy_identical']}; {g['greedy']}")
+    if "configs" not in report:
+        return
     print(f"\n{'run':34s} {'pairs/s':>8s} {'s/step':>7s} {'GFLOP/s':>8s} {'of fp32 peak':>12s} "
           f"{'peak MB':>8s} {'final loss':>10s}")
     for name, c in report["configs"].items():
         print(f"{name:34s} {c['pairs_per_second']:8.2f} {c['median_step_seconds']:7.2f} "
               f"{c['achieved_flops_per_second'] / 1e9:8.1f} {c['fraction_of_fp32_peak']:12.2f} "
               f"{c['peak_rss_mb']:8.0f} {c['final_losses'][0]:10.4f}")
-    print(f"\nmatmul peak: fp32 {report['fp32_matmul_peak_flops'] / 1e9:.0f} GFLOP/s, "
-          f"bf16 {report['bf16_matmul_peak_flops'] / 1e9:.0f} GFLOP/s")
     print(f"speedup (course_cpu / trl_default, median of rounds): {report['speedup']:.2f}  "
           f"{['%.2f' % r for r in report['speedup_per_round']]}")
-    print(f"fraction_of_peak (course_cpu, of fp32 peak): {report['fraction_of_peak']:.2f}")
+    print(f"fraction_of_peak (course_cpu, of fp32 peak): {report['fraction_of_peak']:.2f}; of bf16 peak: "
+          f"{report['training']['fraction_of_bf16_peak']:.3f}")
     print(f"speedup with a cold reference cache, one pass: {report['speedup_cold_cache_one_pass']:.2f}")
     print(f"per-step max |Δloss|: {report['max_abs_loss_diff']}")
     print(f"same result (tolerances {report['loss_tolerance']}): {report['same_result']}")

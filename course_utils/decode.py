@@ -129,6 +129,7 @@ def decode(
     batch_size: int | None = None,
     share_prefill: bool = True,
     sort_by_length: bool = True,
+    sampler: str = "inverse_cdf",
     desc: str | None = "Sampling",
 ) -> Samples:
     """Sample (or, with ``temperature=0``, greedily decode) ``num_samples`` completions of each prompt.
@@ -139,6 +140,8 @@ def decode(
             :func:`default_batch_size`.
         share_prefill: run a prompt's forward pass once for its ``num_samples`` rows (see the module docstring).
         sort_by_length: batch prompts in order of length (less padding); rows come back in the input order.
+        sampler: ``"inverse_cdf"`` (:func:`draw_tokens`) or ``"multinomial"`` (``generate``'s ``torch.multinomial``,
+            seeded from ``seed`` and batch order; kept to measure what the other saves, ``make bench``).
 
     Returns :class:`Samples`, rows prompt-major (row ``i * num_samples + j`` is sample ``j`` of prompt ``i``).
     """
@@ -146,6 +149,8 @@ def decode(
 
     device = next(model.parameters()).device
     batch_size = default_batch_size(device) if batch_size is None else batch_size
+    if sampler not in ("inverse_cdf", "multinomial"):
+        raise ValueError(f"sampler must be 'inverse_cdf' or 'multinomial', got {sampler!r}")
     if batch_size < 1 or num_samples < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size, num_samples and max_new_tokens must be >= 1, got {batch_size}, "
                          f"{num_samples}, {max_new_tokens}")
@@ -154,6 +159,7 @@ def decode(
     n_rows = len(prompt_ids) * num_samples
     generator = torch.Generator().manual_seed(seed)
     uniforms = torch.rand((n_rows, max_new_tokens), generator=generator, dtype=torch.float64)
+    multinomial_rng = torch.Generator(device=device).manual_seed(seed) if sampler == "multinomial" else None
 
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i])) if sort_by_length \
         else list(range(len(prompt_ids)))
@@ -195,7 +201,11 @@ def decode(
             unfinished = torch.ones(len(rows), dtype=torch.bool, device=device)
             tokens = []
             for step in range(max_new_tokens):
-                token = draw_tokens(logits, u[:, step], temperature)
+                if sampler == "multinomial" and temperature != 0:
+                    probs = torch.softmax(logits / temperature, dim=-1)
+                    token = torch.multinomial(probs, 1, generator=multinomial_rng).squeeze(1)
+                else:
+                    token = draw_tokens(logits, u[:, step], temperature)
                 token = torch.where(unfinished, token, torch.full_like(token, pad_id))
                 tokens.append(token)
                 unfinished &= ~torch.isin(token, eos)
@@ -243,11 +253,13 @@ def sampling_dtype(model) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def sampling_model(model, *, adapter: bool = True, dtype: torch.dtype | str | None = "auto"):
+def sampling_model(model, *, adapter: bool = True, dtype: torch.dtype | str | None = "auto", merge: bool | None = None):
     """The weights to decode ``model`` with, as a context manager.
 
     * ``adapter``: with a PEFT model, True decodes the policy (base + LoRA), False the reference (adapter off).
     * ``dtype``: ``"auto"`` (:func:`sampling_dtype`), a dtype, or None for the model as it is.
+    * ``merge``: None merges the adapter whenever a copy is made; True also copies (and merges) at the model's own
+      dtype; False copies without merging (LoRA's extra products in every layer; ``make bench`` measures both).
 
     When the dtype differs from the model's (a CPU model decoded in bf16), the context yields a *copy*: the
     adapter merged into it (policy: one matrix product per layer instead of three) or dropped (reference), cast to
@@ -257,15 +269,18 @@ def sampling_model(model, *, adapter: bool = True, dtype: torch.dtype | str | No
     param = next(model.parameters())
     target = sampling_dtype(model) if dtype == "auto" else (getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     peft = hasattr(model, "disable_adapter") and hasattr(model, "merge_and_unload")
-    if target is None or target == param.dtype or _is_quantised(model):
+    same = target is None or target == param.dtype
+    if _is_quantised(model) or (same and not merge) or (same and not peft):
         context = model.disable_adapter() if (peft and not adapter) else contextlib.nullcontext()
         with context:
             yield model
         return
     twin = copy.deepcopy(model)
-    if peft:
-        twin = twin.merge_and_unload() if adapter else twin.unload()
-    twin = twin.to(target).eval()
+    if peft and not adapter:
+        twin = twin.unload()
+    elif peft and merge is not False:
+        twin = twin.merge_and_unload()
+    twin = (twin if same else twin.to(target)).eval()
     try:
         yield twin
     finally:

@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .evaluate import kl_on_samples, mean_and_stderr
-from .generation import chat_prompt, sample_completions
+from .evaluate import kl_on_sampled_ids, mean_and_stderr
+from .generation import chat_prompt, sample, sample_completions
 from .gpu_budget import SHAPES, ModelShape, count_dpo_step_flops
 from .precision import trainer_step_one_tolerances, training_dtype
 
@@ -211,17 +211,16 @@ def measure_policy(model, tokenizer, prompts, judge, grid: FrontierGrid, *, refe
     ``grid.eval_samples`` completions per prompt at temperature 1, ``grid.max_new_tokens`` at
     most, seeded with ``grid.eval_seed``: every policy sees the same prompts and random numbers.
     KL = mean over those samples of log pi(y|x) - log pi_ref(y|x) (adapter on vs off,
-    :func:`course_utils.evaluate.kl_on_samples`); ``reference=True`` (a model without adapter)
+    :func:`course_utils.evaluate.kl_on_sampled_ids`, on the sampled token ids); ``reference=True`` (a model without adapter)
     skips it: the reference's KL to itself is 0 by definition.
     """
     start = time.perf_counter()
-    groups = sample_completions(model, tokenizer, prompts, num_samples=grid.eval_samples,
-                                max_new_tokens=grid.max_new_tokens, seed=grid.eval_seed, desc="Measuring")
-    flat_prompts = [p for p in prompts for _ in range(grid.eval_samples)]
-    texts = [t for g in groups for t in g]
+    samples = sample(model, tokenizer, prompts, num_samples=grid.eval_samples, max_new_tokens=grid.max_new_tokens,
+                     seed=grid.eval_seed, desc="Measuring")
+    texts = samples.texts
     scores = judge(texts)
     reward, reward_se = mean_and_stderr(scores)
-    kl, kl_se = (0.0, 0.0) if reference else kl_on_samples(model, tokenizer, flat_prompts, texts)
+    kl, kl_se = (0.0, 0.0) if reference else kl_on_sampled_ids(model, samples)  # on the tokens it drew
     return {"reward": reward, "reward_stderr": reward_se, "kl": kl, "kl_stderr": kl_se,
             "saturated": float(np.mean(np.asarray(scores) >= SATURATED)),
             "kl_source": "zero" if reference else "monte_carlo", "completion_tokens": mean_completion_tokens(tokenizer, texts),

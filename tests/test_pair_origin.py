@@ -35,10 +35,11 @@ def test_gpu_presets_sample_short_sentiment_completions_from_mistral():
         assert preset.sentiment_new_tokens == 48 < preset.max_new_tokens  # a chat answer's cap is not a sentence's
 
 
-def test_cpu_cache_key_is_unchanged():
-    """The cpu preset's pairs keep their cache key, so existing caches stay valid."""
+def test_cpu_cache_key_is_the_recipe():
+    """The cpu preset's pairs are keyed by their recipe: data version 2 (the course's decoder), generator, openings,
+    samples, length, seed, batch size and bf16. Moving the generator into the preset did not change the key."""
     openings = ["a", "b"]
-    old = json.dumps([1, "smollm2-135m", openings, 4, 40, 0, 128] + ["bf16"])  # the key before the generator moved
+    old = json.dumps([2, "smollm2-135m", openings, 4, 40, 0, 128] + ["bf16"])
     path = sentiment._cache_path(openings, 4, 40, 0, 128, True, sentiment.pair_generator(get_preset("cpu")))
     assert path.name == f"pairs-{hashlib.sha256(old.encode()).hexdigest()[:16]}.jsonl"
 
