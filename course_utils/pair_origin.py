@@ -37,6 +37,23 @@ def on_policy(preset, dataset: str) -> bool:
     return dataset == "sentiment" and pair_generator(preset) == (preset.checkpoint or preset.model_name)
 
 
+def shipped_note(preset) -> str:
+    """A sentence when ``preset``'s pairs ship with the course (``sentiment.pairs_are_shipped``), else ""."""
+    import json
+    from importlib import resources
+
+    from .sentiment import SHIPPED, pairs_are_shipped
+
+    if not pairs_are_shipped(preset):
+        return ""
+    manifest = json.loads(resources.files("course_utils").joinpath(SHIPPED, "manifest.json").read_text())
+    made = {(m["dtype"], m["machine"]["cpu_model"], m["machine"]["hardware_isa"]) for m in manifest.values()
+            if m["seed"] == preset.seed and m["preset"] == preset.name}
+    how = "; ".join(f"in {d} on an {cpu} ({isa.upper() if isa == 'amx' else isa})" for d, cpu, isa in sorted(made))
+    return (f" For seed {preset.seed} they ship with the course (sampled once, {how}), so every CPU trains on "
+            "these same pairs.")
+
+
 def describe_pairs(preset, dataset: str) -> str:
     """One true sentence about where the pairs came from, for this preset and dataset."""
     from .sentiment import pair_generator
@@ -46,8 +63,9 @@ def describe_pairs(preset, dataset: str) -> str:
         generator = pair_generator(preset)
         where = "on the GPU" if preset.name in GPU_PRESET_NAMES else "on the CPU"
         if on_policy(preset, dataset):
-            return (f"On-policy pairs: {preset.samples_per_prompt} completions per opening were sampled {where} from "
+            text = (f"On-policy pairs: {preset.samples_per_prompt} completions per opening were sampled {where} from "
                     f"{generator}, the very model this preset trains (the reference), then ranked by VADER.")
+            return text + shipped_note(preset)
         return (f"Off-policy pairs: the completions were sampled from {generator}, not from this preset's model "
                 f"({model}, random weights); that is enough to test the code path, which is all tiny is for.")
     if dataset.rstrip("/").endswith("orca_dpo_pairs"):

@@ -14,11 +14,16 @@ sentiment classifier as the ground-truth reward. Here, offline and on a CPU:
 * a held-out split of openings that training never sees; the same judge scores the
   trained policy on them later.
 
-Everything is deterministic for a seed and cached on disk.
+Everything is deterministic for a seed and cached on disk. The ``cpu`` preset's pairs for seeds 0-2 ship with the
+course (``assets/pairs``, written by ``python -m course_utils.sentiment --freeze``): sampled once, in bf16 on the
+machine named in ``assets/pairs/manifest.json``, so every CPU trains on the same pairs for those seeds. A bf16 or
+fp32 draw on another CPU would differ: its matrix products round differently, and one changed token changes the rest
+of a sample. Other seeds and recipes are sampled on the learner's machine.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import random
@@ -151,20 +156,57 @@ def _cache_path(openings, samples_per_prompt, max_new_tokens, seed, batch_size, 
     return path
 
 
+SHIPPED = "assets/pairs"  # inside the package: the cpu preset's pairs for seeds 0-2
+
+
+def _shipped_name(openings, samples_per_prompt, max_new_tokens, seed, generator: str) -> str:
+    """The shipped file for a recipe: keyed without the dtype or batch size, which only say how it was sampled."""
+    recipe = [_DATA_VERSION, generator, openings, samples_per_prompt, max_new_tokens, seed]
+    return f"pairs-{hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:16]}.jsonl.gz"
+
+
+def shipped_samples(openings, samples_per_prompt, max_new_tokens, seed, generator: str = GENERATOR_MODEL):
+    """The shipped records (``{"opening", "samples", "scores"}`` per opening) for this recipe, or None."""
+    path = resources.files("course_utils").joinpath(SHIPPED, _shipped_name(openings, samples_per_prompt,
+                                                                            max_new_tokens, seed, generator))
+    if not path.is_file():
+        return None
+    records = [json.loads(line) for line in gzip.decompress(path.read_bytes()).decode("utf-8").splitlines()]
+    if [r["opening"] for r in records] != list(openings):
+        raise ValueError(f"{path}: its openings do not match the recipe's; regenerate with "
+                         "python -m course_utils.sentiment --freeze")
+    return records
+
+
+def pairs_are_shipped(preset) -> bool:
+    """True when both of ``preset``'s splits come from the shipped pairs (the same on every CPU)."""
+    if preset.load_in_4bit:
+        return False
+    train, held_out = split_openings(preset.train_prompts, preset.eval_prompts, seed=preset.seed)
+    args = (preset.samples_per_prompt, preset.sentiment_new_tokens, preset.seed, pair_generator(preset))
+    names = [_shipped_name(o, *args) for o in (train, held_out)]
+    return all(resources.files("course_utils").joinpath(SHIPPED, n).is_file() for n in names)
+
+
 def make_pairs(openings, *, samples_per_prompt=4, max_new_tokens=40, seed=0, min_margin=0.1,
-               generator=None, batch_size=32, bf16=False, use_cache=True, preset=None):
+               generator=None, batch_size=32, bf16=False, use_cache=True, preset=None, shipped=True):
     """Sample, score and rank completions for ``openings``; returns ``(rows, PairReport)``.
 
     ``generator`` is ``(model, tokenizer)``, or a function returning it; when omitted, ``preset``'s :func:`pair_generator`
     is loaded (SmolLM2 without a preset). Cached on disk by the recipe's parameters (the
-    generator's name and quantisation included), so a second call returns instantly. ``bf16``:
+    generator's name and quantisation included), so a second call returns instantly. With ``shipped`` (and
+    ``use_cache``), the pairs that ship with the course for this recipe come first (:func:`shipped_samples`). ``bf16``:
     decode a bf16 copy of the generator (CPUs with native bf16), ``batch_size`` rows at a time
     (course_utils/decode.py; docs/performance.md has the measured speed).
     """
     name = pair_generator(preset) if preset is not None else GENERATOR_MODEL
     quantised = f"nf4-{preset.dtype}" if preset is not None and preset.load_in_4bit and preset.name != "tiny" else ""
     path = _cache_path(openings, samples_per_prompt, max_new_tokens, seed, batch_size, bf16, name, quantised)
-    if use_cache and path.is_file():
+    frozen = shipped_samples(openings, samples_per_prompt, max_new_tokens, seed, name) \
+        if use_cache and shipped and not quantised else None
+    if frozen is not None:
+        samples, scores = [r["samples"] for r in frozen], [r["scores"] for r in frozen]
+    elif use_cache and path.is_file():
         record = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
         samples, scores = [r["samples"] for r in record], [r["scores"] for r in record]
     else:
@@ -214,3 +256,47 @@ def sentiment_dataset(preset, generator=None, use_cache=True, reference=None):
     test_rows, test_report = make_pairs(eval_open, **kwargs)
     data = DatasetDict(train=Dataset.from_list(train_rows), test=Dataset.from_list(test_rows))
     return data, eval_open, {"train": train_report, "test": test_report}
+
+
+def freeze(seeds=(0, 1, 2), preset_name: str = "cpu") -> list[Path]:
+    """Sample (or take from the cache) the preset's pairs for ``seeds`` and write them into the package's
+    ``assets/pairs``, with a manifest saying where and how they were sampled. Run from a source checkout."""
+    from .cpu import cpu_supports_bf16, machine_info
+    from .presets import get_preset
+
+    folder = Path(__file__).resolve().parent / SHIPPED
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest_path = folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    written = []
+    for seed in seeds:
+        preset = get_preset(preset_name, seed=seed)
+        bf16 = preset.cpu_bf16 and cpu_supports_bf16()
+        for split, openings in zip(("train", "held_out"), split_openings(preset.train_prompts, preset.eval_prompts,
+                                                                        seed=seed)):
+            kwargs = dict(samples_per_prompt=preset.samples_per_prompt, max_new_tokens=preset.sentiment_new_tokens,
+                          seed=seed, batch_size=preset.sample_batch_size, bf16=bf16, preset=preset)
+            make_pairs(openings, shipped=False, **kwargs)  # fills the cache
+            cache = _cache_path(openings, preset.samples_per_prompt, preset.sentiment_new_tokens, seed,
+                                preset.sample_batch_size, bf16, pair_generator(preset))
+            name = _shipped_name(openings, preset.samples_per_prompt, preset.sentiment_new_tokens, seed,
+                                 pair_generator(preset))
+            (folder / name).write_bytes(gzip.compress(cache.read_bytes(), mtime=0))
+            manifest[name] = {"preset": preset_name, "seed": seed, "split": split, "openings": len(openings),
+                              "samples_per_prompt": preset.samples_per_prompt,
+                              "max_new_tokens": preset.sentiment_new_tokens, "generator": pair_generator(preset),
+                              "dtype": "bfloat16" if bf16 else "float32", "batch_size": preset.sample_batch_size,
+                              "decoder": "course_utils.decode", "machine": machine_info()}
+            written.append(folder / name)
+    manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return written
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the cpu preset's pairs into the package (assets/pairs).")
+    parser.add_argument("--freeze", action="store_true", required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    for p in freeze(parser.parse_args().seeds):
+        print(p)
