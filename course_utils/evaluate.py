@@ -99,6 +99,16 @@ def kl_on_sampled_ids(model, samples) -> tuple[float, float]:
     return mean_and_stderr((lp_pol - lp_ref).numpy())
 
 
+def kl_k3_on_sampled_ids(model, prompt_ids, completion_ids) -> tuple[float, float]:
+    """:func:`kl_k3_on_samples` on exactly the sampled tokens (``Samples.completion_ids``, or an example's
+    ``policy_ids`` from :func:`evaluate_against_reference`): the same samples and tokens as :func:`kl_on_sampled_ids`,
+    so the two estimators differ only in what they sum."""
+    pol = sequence_logprobs_of_ids(model, prompt_ids, completion_ids, per_token=True)
+    ref = sequence_logprobs_of_ids(model, prompt_ids, completion_ids, disable_adapter=True, per_token=True)
+    log_r = [r - p for p, r in zip(pol, ref)]  # each (T_i,)
+    return mean_and_stderr(np.array([(lr.exp() - 1 - lr).sum().item() for lr in log_r]))
+
+
 def kl_k3_on_samples(model, tokenizer, prompts, completions) -> tuple[float, float]:
     """The k3 estimate of KL(pi || pi_ref) in nats per completion, with its standard error.
 
@@ -161,10 +171,11 @@ def evaluate_against_reference(model, tokenizer, prompts, judge, *, num_samples:
         "policy_tokens": n_tok(flat_pol),
         "reference_tokens": n_tok(flat_ref),
         "samples": len(flat_pol),
-        "examples": [
+        "examples": [  # policy_ids: the token ids the policy sampled, which the KL scored
             {"prompt": p if isinstance(p, str) else p[-1]["content"], "policy": a, "reference": b,
-             "policy_score": sa, "reference_score": sb}
-            for p, a, b, sa, sb in zip(flat_prompts, flat_pol, flat_ref, pol_scores, ref_scores)
+             "policy_score": sa, "reference_score": sb, "policy_ids": ids}
+            for p, a, b, sa, sb, ids in zip(flat_prompts, flat_pol, flat_ref, pol_scores, ref_scores,
+                                            pol_samples.completion_ids)
         ],
     }
 
