@@ -163,3 +163,23 @@ def test_kl_is_taken_on_the_sampled_ids(tiny, tokenizer, prompt_ids):
     assert kl == pytest.approx(sum(diffs) / len(diffs), abs=1e-4)
     per_token = sequence_logprobs_of_ids(model, s.prompt_ids, s.completion_ids, per_token=True)
     assert [len(t) for t in per_token] == [len(c) for c in s.completion_ids]
+
+
+def test_a_4bit_model_decodes_itself_on_its_device(tokenizer, prompt_ids):
+    """The GPU presets' path: a 4-bit model is never copied or cast (a 7B copy would not fit); it decodes in place,
+    with the adapter switched off for the reference. bitsandbytes' NF4 runs on the CPU too."""
+    from peft import get_peft_model
+
+    from course_utils.decode import default_batch_size, sampling_dtype
+    from course_utils.models import load_model, lora_config
+
+    base, _ = load_model("tiny", load_in_4bit=True, dtype="float32")
+    model = get_peft_model(base, lora_config(r=4, alpha=8, dropout=0.0))
+    assert sampling_dtype(model) == torch.float32  # no bf16 copy of a quantised model
+    with sampling_model(model, adapter=True) as m:
+        assert m is model
+        s = decode(m, tokenizer, prompt_ids[:2], num_samples=2, max_new_tokens=4, desc=None)
+    with sampling_model(model, adapter=False) as m:
+        assert m is model and any(getattr(x, "disable_adapters", False) for x in m.modules())
+    assert len(s.completion_ids) == 4
+    assert default_batch_size("cuda") == 32 and default_batch_size("cpu") == 128
