@@ -103,7 +103,8 @@ def test_draw_tokens_follows_the_softmax():
     assert draw_tokens(logits, u[:1], 0).item() == logits.argmax().item()
 
 
-def test_sampling_model_merges_the_policy_and_drops_it_for_the_reference(tiny, tokenizer, prompt_ids):
+def moved_lora(tiny, seed):
+    """The tiny model with a LoRA adapter whose B is drawn at random: a policy that differs from its reference."""
     from peft import get_peft_model
 
     from course_utils.models import lora_config
@@ -112,7 +113,12 @@ def test_sampling_model_merges_the_policy_and_drops_it_for_the_reference(tiny, t
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(seed))
+    return model
+
+
+def test_sampling_model_merges_the_policy_and_drops_it_for_the_reference(tiny, tokenizer, prompt_ids):
+    model = moved_lora(tiny, seed=0)
     ids = torch.tensor([prompt_ids[0]])
     with torch.inference_mode():
         policy, reference = model(input_ids=ids).logits, None
@@ -138,15 +144,7 @@ def test_sampling_model_merges_the_policy_and_drops_it_for_the_reference(tiny, t
 
 
 def test_kl_is_taken_on_the_sampled_ids(tiny, tokenizer, prompt_ids):
-    from peft import get_peft_model
-
-    from course_utils.models import lora_config
-
-    model = get_peft_model(copy.deepcopy(tiny), lora_config(r=4, alpha=8, dropout=0.0))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    model = moved_lora(tiny, seed=1)
     s = sample(model, tokenizer, [sentiment_prompt("The plot")] * 3, num_samples=2, max_new_tokens=8, seed=0,
                dtype=None, desc=None)
     kl, se = kl_on_sampled_ids(model, s)
