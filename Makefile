@@ -14,7 +14,7 @@ help:
 	@echo "make course      - install everything and execute all lessons on the CPU default (SmolLM2-135M-Instruct)"
 	@echo "make course-tiny - the same on the tiny random model (minutes)"
 	@echo "make dpo-job     - the end-to-end DPO job without notebooks (data -> train -> evaluate)"
-	@echo "make bench       - DPO training speed: TRL defaults vs the cpu preset -> build/bench.json"
+	@echo "make bench       - training (TRL defaults vs the cpu preset) and generation (generate vs the course decoder) speed -> build/bench.json"
 	@echo "make gpu-check   - on one H100/H200: t4/a100 presets' memory and step time vs predictions -> build/gpu_check.json"
 	@echo "make test        - install if needed and run all tests"
 	@echo "make browser     - install Debian's chromium if missing (the chat-demo test drives it)"
@@ -49,7 +49,8 @@ course-tiny: install
 dpo-job: install
 	$(PY) -m course_utils.course --preset cpu --output-dir build
 
-# interleaved runs of TRL's defaults and the cpu preset, plus one lever undone at a time (~15 min on 2 cores)
+# interleaved runs: TRL's defaults against the cpu preset, transformers' generate against the course's decoder,
+# plus one lever undone at a time (~30 min on 2 cores; --repeats 1 about 16)
 bench: install
 	$(PY) benchmarks/bench_dpo.py --output build/bench.json
 

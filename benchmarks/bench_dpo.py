@@ -1,7 +1,11 @@
-"""DPO training speed on this machine: TRL's defaults against the course's CPU preset.
+"""DPO training speed on this machine: TRL's defaults against the course's CPU preset; and generation speed.
 
     make bench                                   # or:
     .venv/bin/python benchmarks/bench_dpo.py --steps 8 --repeats 3 --output build/bench.json
+    .venv/bin/python benchmarks/bench_dpo.py --no-training --repeats 1   # generation only
+
+Generation (``--generation``, on by default) is ``benchmarks/bench_generation.py``: transformers' ``generate`` with
+its defaults against the course's decoder, interleaved with the training runs; ``generation`` in the JSON.
 
 Both runs train SmolLM2-135M-Instruct with LoRA r=8 on the same sentiment pairs, for the
 same steps, with the same recipe (learning rate, schedule, beta, seed), so their losses
