@@ -171,7 +171,7 @@ def test_first_steps_match_trl(runs, tiny_preset):
         if p.requires_grad:
             # Adam divides by sqrt(v): where a gradient is at float32's rounding level, the two runs' rounding can take
             # an element a step apart, so compare whole tensors (the trajectories above already agree step by step)
-            worst[name] = float((p - trained[name]).norm() / trained[name].norm().clamp(min=1e-12))
+            worst[name] = float((p - trained[name]).detach().norm() / trained[name].detach().norm().clamp(min=1e-12))
     assert max(worst.values()) < 1e-3, max(worst.items(), key=lambda kv: kv[1])
 
 
