@@ -230,6 +230,15 @@ def make_pairs(openings, *, samples_per_prompt=4, max_new_tokens=40, seed=0, min
     return rank_into_pairs(openings, samples, scores, min_margin=min_margin)
 
 
+def pair_recipe(preset) -> dict:
+    """What ``make_pairs`` needs from a preset (its cache key but the openings): sampling sizes, seed, batch, bf16."""
+    from .cpu import cpu_supports_bf16
+
+    return dict(samples_per_prompt=preset.samples_per_prompt, max_new_tokens=preset.sentiment_new_tokens,
+                seed=preset.seed, batch_size=preset.sample_batch_size,
+                bf16=preset.cpu_bf16 and cpu_supports_bf16() and not torch.cuda.is_available())
+
+
 def sentiment_dataset(preset, generator=None, use_cache=True, reference=None):
     """Train and held-out preference datasets for a preset, plus the held-out openings.
 
@@ -242,16 +251,12 @@ def sentiment_dataset(preset, generator=None, use_cache=True, reference=None):
     from datasets import Dataset, DatasetDict
 
     train_open, eval_open = split_openings(preset.train_prompts, preset.eval_prompts, seed=preset.seed)
-    from .cpu import cpu_supports_bf16
-
     if generator is None and reference is not None and preset.name != "tiny":
         generator = reference
     if generator is None:  # one load for both splits, and none at all when both are cached
         loaded = []
         generator = lambda: loaded[0] if loaded else loaded.append(_load_generator(preset)) or loaded[0]  # noqa: E731
-    kwargs = dict(samples_per_prompt=preset.samples_per_prompt, max_new_tokens=preset.sentiment_new_tokens,
-                  seed=preset.seed, generator=generator, use_cache=use_cache, batch_size=preset.sample_batch_size,
-                  bf16=preset.cpu_bf16 and cpu_supports_bf16() and not torch.cuda.is_available(), preset=preset)
+    kwargs = dict(pair_recipe(preset), generator=generator, use_cache=use_cache, preset=preset)
     train_rows, train_report = make_pairs(train_open, **kwargs)
     test_rows, test_report = make_pairs(eval_open, **kwargs)
     data = DatasetDict(train=Dataset.from_list(train_rows), test=Dataset.from_list(test_rows))
@@ -261,7 +266,7 @@ def sentiment_dataset(preset, generator=None, use_cache=True, reference=None):
 def freeze(seeds=(0, 1, 2), preset_name: str = "cpu") -> list[Path]:
     """Sample (or take from the cache) the preset's pairs for ``seeds`` and write them into the package's
     ``assets/pairs``, with a manifest saying where and how they were sampled. Run from a source checkout."""
-    from .cpu import cpu_supports_bf16, machine_info
+    from .cpu import machine_info
     from .presets import get_preset
 
     folder = Path(__file__).resolve().parent / SHIPPED
@@ -271,21 +276,18 @@ def freeze(seeds=(0, 1, 2), preset_name: str = "cpu") -> list[Path]:
     written = []
     for seed in seeds:
         preset = get_preset(preset_name, seed=seed)
-        bf16 = preset.cpu_bf16 and cpu_supports_bf16()
+        recipe = pair_recipe(preset)
         for split, openings in zip(("train", "held_out"), split_openings(preset.train_prompts, preset.eval_prompts,
                                                                         seed=seed)):
-            kwargs = dict(samples_per_prompt=preset.samples_per_prompt, max_new_tokens=preset.sentiment_new_tokens,
-                          seed=seed, batch_size=preset.sample_batch_size, bf16=bf16, preset=preset)
-            make_pairs(openings, shipped=False, **kwargs)  # fills the cache
-            cache = _cache_path(openings, preset.samples_per_prompt, preset.sentiment_new_tokens, seed,
-                                preset.sample_batch_size, bf16, pair_generator(preset))
+            make_pairs(openings, shipped=False, preset=preset, **recipe)  # fills the cache
+            cache = _cache_path(openings, generator=pair_generator(preset), **recipe)
             name = _shipped_name(openings, preset.samples_per_prompt, preset.sentiment_new_tokens, seed,
                                  pair_generator(preset))
             (folder / name).write_bytes(gzip.compress(cache.read_bytes(), mtime=0))
             manifest[name] = {"preset": preset_name, "seed": seed, "split": split, "openings": len(openings),
                               "samples_per_prompt": preset.samples_per_prompt,
                               "max_new_tokens": preset.sentiment_new_tokens, "generator": pair_generator(preset),
-                              "dtype": "bfloat16" if bf16 else "float32", "batch_size": preset.sample_batch_size,
+                              "dtype": "bfloat16" if recipe["bf16"] else "float32", "batch_size": preset.sample_batch_size,
                               "decoder": "course_utils.decode", "machine": machine_info()}
             written.append(folder / name)
     manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
