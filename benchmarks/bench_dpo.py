@@ -54,7 +54,8 @@ import bench_generation  # noqa: E402  (benchmarks/ is not a package)
 BATCH = 4  # pairs per step, as in the baseline and the cpu preset
 LORA_R, LORA_ALPHA = 8, 16
 RECIPE = dict(  # what is optimised: identical in every run, so the losses must agree
-    learning_rate=2e-4,  # the cpu preset's rate (TRL's default 1e-6 would leave the loss at ln 2 for 8 steps)
+    learning_rate=2e-4,  # the cpu preset's rate until 2026-12-05 (now 5e-4), kept so earlier figures compare; TRL's
+    # default 1e-6 would leave the loss at ln 2 for 8 steps
     lr_scheduler_type="linear",
     warmup_steps=0,
     beta=0.1,
@@ -76,6 +77,10 @@ CONFIGS = {
                                        {"preset": {"precompute_ref_log_probs": False}}),
     "course_cpu_checkpointing": ("course cpu preset + gradient checkpointing", {"preset": {"gradient_checkpointing": True}}),
     "course_cpu_1_thread": ("course cpu preset on 1 thread", {"threads": 1}),
+    "course_cpu_autocast_casts": ("course cpu preset, frozen weights re-cast to bf16 by autocast in every forward",
+                                  {"frozen_bf16": False}),
+    "course_cpu_bf16_attention": ("course cpu preset, attention in bf16 (autocast's choice) instead of fp32",
+                                  {"fp32_attention": False}),
     "course_cpu_dynamic_shapes": ("course cpu preset, batches padded to their own length (reference shapes differ)",
                                   {"fixed_shapes": False}),
     "trl_default_fp32": ("TRL DPOConfig defaults + LoRA r=8, fp32", {"trl": {"bf16": False}}),
@@ -149,6 +154,7 @@ def run_child(name: str, data_path: str, steps: int, result_path: str) -> None:
         trainer = build_trainer(preset.override(per_device_batch_size=BATCH), model, tokenizer, train,
                                 output_dir=out_dir, callbacks=[timer], guard=False,
                                 completion_head=change.get("completion_head"), fixed_shapes=change.get("fixed_shapes"),
+                                frozen_bf16=change.get("frozen_bf16"), fp32_attention=change.get("fp32_attention"),
                                 **recipe, **common)
         scores_all_positions = not trainer.model.get_base_model().__dict__.get("_course_completion_head", False)
         reference_in_step = not preset.precompute_ref_log_probs
@@ -308,6 +314,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the headline pair (a b / b a ...)")
     parser.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True,
                         help="also run the course preset with each lever undone (once, in the first round)")
+    parser.add_argument("--ablation", action="append", choices=[n for n in CONFIGS if n not in HEADLINE],
+                        metavar="NAME", help="run only these training ablations (repeatable; default: all of them)")
     parser.add_argument("--training", action=argparse.BooleanOptionalAction, default=True,
                         help="the training runs (TRL's defaults against the cpu preset)")
     parser.add_argument("--generation", action=argparse.BooleanOptionalAction, default=True,
@@ -333,7 +341,7 @@ def main(argv=None) -> dict:
     data.write_text("".join(json.dumps(r) + "\n" for r in bench_rows(args.steps)))
     env = {**os.environ, "DPO_COURSE_REFERENCE_CACHE": str(work / "reference-cache"),  # starts cold
            "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    extra = [n for n in CONFIGS if n not in HEADLINE] if args.ablations else []
+    extra = (args.ablation or [n for n in CONFIGS if n not in HEADLINE]) if args.ablations else []
     gen_headline = [n for pair in bench_generation.HEADLINE.values() for n in pair]
     gen_extra = [n for n in bench_generation.CONFIGS if n not in gen_headline] if args.ablations else []
     rounds = []
@@ -404,6 +412,12 @@ def main(argv=None) -> dict:
     }
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for part, ran in (("generation", gen_runs), ("training", runs)):  # a section not re-run is kept, with its date
+        old = json.loads(out.read_text()) if out.is_file() else {}
+        if not ran and part in old:
+            report[part] = old[part] | {"measured": old[part].get("measured", old.get("date"))}
+            if part == "generation":
+                report["generation_runs"] = old.get("generation_runs", [])
     out.write_text(json.dumps(report, indent=2))
     print_table(report)
     print(f"\nwritten to {out}")

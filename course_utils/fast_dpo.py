@@ -30,6 +30,7 @@ model's activations fit easily) and torch's default 2 threads (1.7x over 1).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -47,6 +48,37 @@ from .models import cache_dir
 # 1) Completion-only log-prob head
 # --------------------------------------------------------------------------------------------
 
+class _TokenLogProbs(torch.autograd.Function):
+    """``log softmax(z)[y]`` per row of ``logits`` ``[N, V]`` (any float dtype; computed in fp32), plus TRL's metrics.
+
+    Forward: one fused fp32 ``log_softmax`` straight from the (bf16) logits, and ``p = exp(log p)``, kept for the
+    backward and used for the entropy. Backward: ``∂ log p_y / ∂z = onehot(y) - p``, one pass over ``p`` and a
+    scatter. The textbook autograd path (``gather(z) - logsumexp(z)``) re-derives ``p`` in its backward and makes
+    several more full ``[N, V]`` fp32 passes; this was ~1/3 faster for the head (``docs/performance.md``).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        log_p = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # [N, V] fp32 whatever the logits' dtype
+        picked = log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N]
+        # log_p is z minus a row constant: same order and ties as the logits; fp32 argmax is 2x bf16's here
+        is_top1 = log_p.argmax(-1) == targets  # the first maximum, as TRL's kernel does
+        p = log_p.exp()
+        entropy = -(p * log_p).sum(-1)  # [N], H = -Σ p log p
+        ctx.save_for_backward(p, targets)
+        ctx.logits_dtype = logits.dtype
+        mean_logits = logits.mean(-1, dtype=torch.float32)
+        ctx.mark_non_differentiable(entropy, mean_logits, is_top1)
+        return picked, entropy, mean_logits, is_top1
+
+    @staticmethod
+    def backward(ctx, grad_picked, *unused):
+        p, targets = ctx.saved_tensors
+        grad = p.mul(-grad_picked.unsqueeze(-1))  # -g p
+        grad.scatter_add_(-1, targets.unsqueeze(-1), grad_picked.unsqueeze(-1))  # + g onehot(y)
+        return grad.to(ctx.logits_dtype), None
+
+
 def completion_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor):
     """Per-token log-probabilities of the next-token ``labels``, scored only where ``labels != -100``.
 
@@ -60,17 +92,7 @@ def completion_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: 
     mask = labels != -100
     h = hidden[mask]  # [N_c, H]: the completion positions only
     logits = lm_head(h)  # [N_c, V] in the autocast dtype (bf16) or fp32
-    logits = logits.float()  # log-softmax in fp32 whatever the matmul dtype
-    log_z = torch.logsumexp(logits, dim=-1)  # [N_c]
-    targets = labels[mask]
-    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_z  # [N_c]
-    with torch.no_grad():
-        z = logits.detach()
-        p = torch.exp(z - log_z.detach().unsqueeze(-1))
-        entropy = log_z.detach() - (p * z).sum(-1)
-        mean_logits = z.mean(-1)
-        # argmax returns the first maximum, as TRL's kernel does
-        is_top1 = z.argmax(-1) == targets
+    token_logps, entropy, mean_logits, is_top1 = _TokenLogProbs.apply(logits, labels[mask])
 
     def scatter(values, dtype=None):
         out = torch.zeros(mask.shape, dtype=dtype or values.dtype, device=values.device)
@@ -78,6 +100,17 @@ def completion_logprobs(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: 
 
     # masked_scatter keeps log_probs connected to the graph even when nothing is scored
     return scatter(token_logps), scatter(entropy), scatter(mean_logits), scatter(is_top1), mask
+
+
+# config fields with which logits are more than ``lm_head(hidden)`` (soft-capping, scaling): such heads are not replaced
+SCALED_HEAD_ATTRIBUTES = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                          "logits_scaling")
+
+
+def scaled_head_attribute(model) -> str | None:
+    """The first of :data:`SCALED_HEAD_ATTRIBUTES` that ``model``'s config sets to other than 1, else None."""
+    config = model.config.get_text_config()
+    return next((a for a in SCALED_HEAD_ATTRIBUTES if getattr(config, a, None) not in (None, 1.0)), None)
 
 
 def install_completion_head(model) -> None:
@@ -91,11 +124,9 @@ def install_completion_head(model) -> None:
 
     if getattr(model, "_course_completion_head", False):
         return
-    config = model.config.get_text_config()
-    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                 "logits_scaling"):
-        if getattr(config, attr, None) not in (None, 1.0):
-            raise ValueError(f"install_completion_head: {type(model).__name__} sets {attr}; keep TRL's head for it")
+    attr = scaled_head_attribute(model)
+    if attr:
+        raise ValueError(f"install_completion_head: {type(model).__name__} sets {attr}; keep TRL's head for it")
     trl_forward = model.forward  # TRL's patched forward: handles every call that is not fused
 
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
@@ -192,14 +223,37 @@ def _trainer_class():
         that holds for this trainer.
         """
 
-        def __init__(self, *args, completion_head: bool = False, fixed_shapes: bool = False, **kwargs):
+        def __init__(self, *args, completion_head: bool = False, fixed_shapes: bool = False,
+                     frozen_bf16: bool = False, fp32_attention: bool = False, **kwargs):
             self.completion_head = completion_head
             self.fixed_shapes = fixed_shapes
+            # cpu_autocast.py's levers, entered around the reference pass and around training
+            self.frozen_bf16, self.fp32_attention = frozen_bf16, fp32_attention
             self.fixed_length = None  # the one padded length of every batch, once fixed
             self.reference_cache_hits = []  # names of the datasets whose reference came from disk
             super().__init__(*args, **kwargs)
             self._install_head()
             self._fix_shapes()  # also when no reference pass ran (a reference not precomputed)
+
+        def autocast_levers(self) -> contextlib.ExitStack:
+            """The :mod:`course_utils.cpu_autocast` context managers training runs under (enter it to score as
+            training does, e.g. ``precision.reference_agreement``)."""
+            from .cpu_autocast import Fp32Attention, FrozenBf16Weights
+
+            stack = contextlib.ExitStack()
+            if self.fp32_attention:
+                stack.enter_context(Fp32Attention(self.model))
+            if self.frozen_bf16:
+                stack.enter_context(FrozenBf16Weights(self.model))
+            return stack
+
+        def train(self, *args, **kwargs):
+            with self.autocast_levers():
+                return super().train(*args, **kwargs)
+
+        def evaluate(self, *args, **kwargs):  # scored as training scores (and as the eval reference was)
+            with self.autocast_levers():
+                return super().evaluate(*args, **kwargs)
 
         @property
         def reference_same_path(self) -> bool:
@@ -231,6 +285,7 @@ def _trainer_class():
                 reference_weights_hash(self.model), _rows_hash(dataset), batch_size, self.args.bf16,
                 self.args.fp16, self.completion_head, self.ld_alpha, torch.__version__, trl.__version__,
                 self.fixed_length, cpu_path_key() if self.args.use_cpu else None,
+                *(["fp32_attention"] if self.fp32_attention and self.args.bf16 else []),  # new key only where it acts
             ]).encode()).hexdigest()[:24]
             path = reference_cache_dir() / f"{key}.safetensors"
             if path.is_file():
@@ -238,7 +293,8 @@ def _trainer_class():
                 self.reference_cache_hits.append(name)
                 print(f"Reference log-probs for the {name} dataset: loaded from the on-disk cache ({len(dataset)} pairs)")
             else:
-                computed = super()._precompute_ref_logps(dataset, name, batch_size)
+                with self.autocast_levers():
+                    computed = super()._precompute_ref_logps(dataset, name, batch_size)
                 cached = {column: torch.tensor(computed.data.column(column).to_pylist()) for column in ("ref_chosen_logps", "ref_rejected_logps")}
                 tmp = path.with_suffix(".tmp")
                 save_file(cached, str(tmp))

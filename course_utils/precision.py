@@ -34,6 +34,8 @@ cpu preset's bf16 path the first kind; :func:`reference_agreement` measures it.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .models import _to_dtype
@@ -158,8 +160,9 @@ def reference_agreement(trainer, max_batches: int = 8, seed: int = 1) -> dict:
     was_training = model.training
     model.train()  # as in training (TRL disables dropout, so train and eval modes compute the same)
     gaps, sizes = [], []
+    levers = getattr(trainer, "autocast_levers", contextlib.nullcontext)()  # the precision choices of training
     try:
-        with torch.no_grad():
+        with torch.no_grad(), levers:
             for i, batch in enumerate(loader):
                 if i == max_batches:
                     break

@@ -89,6 +89,8 @@ def build_trainer(
     guard: bool | DivergenceGuard = True,
     completion_head: bool | None = None,
     fixed_shapes: bool | None = None,
+    frozen_bf16: bool | None = None,
+    fp32_attention: bool | None = None,
     **config_overrides,
 ):
     """A ready-to-train ``trl.DPOTrainer`` with LoRA (QLoRA when the model is 4-bit).
@@ -108,7 +110,9 @@ def build_trainer(
     (:func:`course_utils.fast_dpo.install_completion_head`). The trainer is a
     :class:`~course_utils.fast_dpo.CachingDPOTrainer`: precomputed reference log-probs are kept on disk,
     and under bf16/fp16 every batch has one shape, so the step-1 policy reproduces that reference exactly
-    (``fixed_shapes``, default: exactly then).
+    (``fixed_shapes``, default: exactly then). Under CPU bf16 autocast, attention runs in fp32 (``fp32_attention``:
+    torch's bf16 attention backward is slow on CPU) and frozen weights are cast to bf16 once, not in every forward
+    (``frozen_bf16``, bit-identical); both default to on exactly then (:mod:`course_utils.cpu_autocast`).
     """
     from .fast_dpo import CachingDPOTrainer
 
@@ -143,6 +147,8 @@ def build_trainer(
         # a precomputed reference in bf16/fp16: compute it in the policy's exact shapes (fast_dpo.py)
         fixed_shapes=(args.precompute_ref_log_probs and (args.bf16 or args.fp16)) if fixed_shapes is None
         else fixed_shapes,
+        frozen_bf16=(args.bf16 and args.use_cpu) if frozen_bf16 is None else frozen_bf16,
+        fp32_attention=(args.bf16 and args.use_cpu) if fp32_attention is None else fp32_attention,
     )
     if args.fp16:
         upcast_trainable_to_fp32(trainer.model)

@@ -75,3 +75,31 @@ def test_k3_and_per_token_log_probs(fresh_lora, tokenizer, tiny_pairs):
     by_hand = [((r - p).exp() - 1 - (r - p)).sum().item() for p, r in zip(pol, ref)]  # one value per completion
     assert all(v > 0 for v in by_hand)  # every term (r - 1) - log r is >= 0, and the adapter moved every token
     assert k3 == pytest.approx(sum(by_hand) / len(by_hand), rel=1e-5) and k3_se > 0
+
+
+@pytest.mark.parametrize("disable_adapter", [False, True])
+def test_completion_only_scoring_equals_full_logits(fresh_lora, tokenizer, tiny_pairs, disable_adapter):
+    """The vocabulary product at completion positions only gives the log-probs of the full (B, T, V) logits."""
+    from course_utils.generation import completion_token_logps, decoder_and_head, encode_prompts
+    from course_utils.losses import token_logps
+
+    with torch.no_grad():
+        for name, p in fresh_lora.named_parameters():
+            if "lora_B" in name:  # a policy that differs from the reference, so the adapter switch matters
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    prompts = encode_prompts(tokenizer, [sentiment_prompt(o) for o in tiny_pairs[1][:3]])
+    completions = [[11, 12, 13], [14], [15, 16, 17, 18, 19]]  # rows of different lengths: padding in between
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    ids, attn, mask = (torch.zeros(3, width, dtype=torch.long), torch.zeros(3, width, dtype=torch.long),
+                       torch.zeros(3, width, dtype=torch.bool))
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids[i, : len(p) + len(c)], attn[i, : len(p) + len(c)] = torch.tensor(p + c), 1
+        mask[i, len(p) : len(p) + len(c)] = True
+    context = fresh_lora.disable_adapter() if disable_adapter else torch.no_grad()
+    with torch.no_grad(), context:
+        full = token_logps(fresh_lora(input_ids=ids, attention_mask=attn).logits, ids, mask)
+        fast = completion_token_logps(*decoder_and_head(fresh_lora), ids, attn, mask)
+    assert fast.shape == full.shape == (3, width - 1)
+    assert torch.equal(fast != 0, mask[:, 1:])  # scored exactly at the completion tokens
+    assert torch.allclose(fast, full, atol=1e-5, rtol=0)
+    assert (fast[mask[:, 1:]] < 0).all()  # real log-probabilities, not zeros

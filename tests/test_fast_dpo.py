@@ -186,3 +186,88 @@ def test_flop_count_knows_the_completion_head_keeps_its_logits():
     ours = count_dpo_step_flops(SMOLLM2_135M, 100, 8, head_recomputes=False, **kw)
     assert trl["backward"] - ours["backward"] == 2 * 8 * 40 * 576 * 49152
     assert trl["forward"] == ours["forward"] and ours["reference"] == 0
+
+
+def test_frozen_bf16_weights_are_bit_identical_to_autocast():
+    """A bf16 copy of each frozen weight, made once, gives exactly autocast's products, forward and backward."""
+    from peft import get_peft_model
+
+    from course_utils.cpu_autocast import FrozenBf16Weights
+    from course_utils.models import lora_config
+
+    model, _ = load_model("tiny", seed=0)
+    torch.manual_seed(0)
+    model = get_peft_model(model, lora_config(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # B = 0 would hide the adapter's path from the check
+                p.normal_(0, 0.1)
+    ids = torch.randint(0, 1000, (3, 17), generator=torch.Generator().manual_seed(0))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=ids).logits
+        loss = logits.float().logsumexp(-1).mean()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in trainable]
+
+    plain = step()
+    with FrozenBf16Weights(model) as frozen:
+        layers = len(frozen.layers)
+        with FrozenBf16Weights(model) as inner:  # nested (evaluate inside train): the outer block keeps the copies
+            assert inner.layers == []
+        cached = step()
+        fp32 = model(input_ids=ids).logits  # outside autocast the layers use their fp32 weights
+    n_linear = sum(type(m) is torch.nn.Linear and not m.weight.requires_grad for m in model.modules())
+    assert layers == n_linear > 0  # every frozen projection and the LM head
+    assert torch.equal(plain[0], cached[0])
+    assert all(torch.equal(a, b) for a, b in zip(plain[1], cached[1]))
+    assert fp32.dtype == torch.float32 and torch.allclose(fp32, model(input_ids=ids).logits)
+    assert not any(hasattr(m, "_course_bf16_weight") or "forward" in vars(m) for m in model.modules()
+                   if type(m) is torch.nn.Linear)  # restored on exit
+
+
+def test_trainer_with_frozen_bf16_weights_trains_bit_identically(tiny_pairs, tiny_preset, tmp_path, monkeypatch):
+    """Under bf16 autocast, the cached copies change no loss and no trained weight of a 3-step run."""
+    monkeypatch.setenv("DPO_COURSE_REFERENCE_CACHE", str(tmp_path / "cache"))
+    pairs = tiny_pairs[0]["train"]
+    runs = {}
+    for frozen in (True, False):
+        trainer = _trainer(tiny_preset, pairs, tmp_path / str(frozen), seed=1, bf16=True, frozen_bf16=frozen)
+        trainer.train()
+        runs[frozen] = ([h["loss"] for h in trainer.state.log_history if "loss" in h],
+                        {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad})
+    assert runs[True][0] == runs[False][0] and len(runs[True][0]) == 3
+    assert all(torch.equal(runs[True][1][n], runs[False][1][n]) for n in runs[False][1])
+
+
+def test_fp32_attention_is_closer_to_fp32_than_autocasts_bf16_attention():
+    """Under bf16 autocast the attention runs in fp32: the logits move toward the all-fp32 model's, gradients flow,
+    and the model's attention setting is restored on exit."""
+    from course_utils.cpu_autocast import FP32_ATTENTION, Fp32Attention
+
+    model, _ = load_model("tiny", seed=0)
+    assert model.config._attn_implementation == "sdpa"
+    ids = torch.randint(0, 1000, (4, 33), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 25:] = 0  # a padded row: the masked kernel path
+    with torch.no_grad():
+        exact = model(input_ids=ids, attention_mask=mask).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(input_ids=ids, attention_mask=mask).logits.float()
+            with Fp32Attention(model) as switch:
+                assert switch.switched and model.config._attn_implementation == FP32_ATTENTION
+                fp32_attention = model(input_ids=ids, attention_mask=mask).logits.float()
+        assert model.config._attn_implementation == "sdpa"
+        with Fp32Attention(model):  # outside autocast it is plain SDPA
+            assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, exact)
+    keep = mask.bool()
+    error = {name: (x - exact)[keep].abs().mean().item() for name, x in (("bf16", bf16), ("fp32", fp32_attention))}
+    assert not torch.equal(bf16, fp32_attention)
+    assert error["fp32"] < error["bf16"], error
+    with Fp32Attention(model), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.model.embed_tokens.weight.requires_grad_(True)
+        model(input_ids=ids, attention_mask=mask).logits.float().logsumexp(-1).mean().backward()
+    assert model.model.embed_tokens.weight.grad.abs().sum() > 0
