@@ -26,6 +26,15 @@ losses. What each lever is worth when it alone is undone (pairs/s):
 
 Two settings of the preset, not code here: no gradient checkpointing (1.45x; a 135M
 model's activations fit easily) and torch's default 2 threads (1.7x over 1).
+
+On an Intel Xeon with AMX a profile of the step (docs/performance.md, "Training profile on AMX")
+found more, now in the trainer too:
+
+4. **Attention in fp32 under bf16 autocast** (:class:`course_utils.cpu_autocast.Fp32Attention`):
+   torch's CPU flash-attention backward is ~3x slower in bf16 than in fp32, and was a quarter
+   of the step. 5. **Frozen weights cast to bf16 once** per ``train()``
+   (:class:`course_utils.cpu_autocast.FrozenBf16Weights`, bit-identical). 6. **The head's
+   backward in one pass** (``_TokenLogProbs``: ``∂ log p_y/∂z = onehot(y) - p``).
 """
 
 from __future__ import annotations

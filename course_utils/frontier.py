@@ -53,7 +53,7 @@ class FrontierGrid:
     bon_ns: tuple[int, ...] = (1, 4, 16)  # candidates per prompt; N = 1 is plain sampling from the reference
     num_seeds: int = 3  # seeds per configuration: the fewest that show a spread (std and min-max)
     dpo_steps: int = 8  # DPO optimiser steps of preset.effective_batch_size pairs
-    dpo_learning_rate: float = 1e-3  # a short run needs a higher LoRA rate than the 64-step preset's 2e-4
+    dpo_learning_rate: float = 1e-3  # a short run needs a higher LoRA rate than the 64-step preset's 5e-4
     dpo_warmup_steps: int = 0  # the preset's 5 warm-up steps would eat most of a short run
     rloo_steps: int = 8  # RLOO optimiser steps, each on num_generations fresh samples of one prompt
     rloo_learning_rate: float = 1e-3  # LoRA rate of RLOO (constant schedule, as in lesson 1)
