@@ -35,6 +35,7 @@ found more, now in the trainer too:
    of the step. 5. **Frozen weights cast to bf16 once** per ``train()``
    (:class:`course_utils.cpu_autocast.FrozenBf16Weights`, bit-identical). 6. **The head's
    backward in one pass** (``_TokenLogProbs``: ``∂ log p_y/∂z = onehot(y) - p``).
+   With them the preset ran 2.76-2.82x TRL's defaults on that machine (``make bench``, two runs).
 """
 
 from __future__ import annotations
