@@ -412,8 +412,8 @@ def main(argv=None) -> dict:
     }
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(out.read_text()) if out.is_file() else {}
     for part, ran in (("generation", gen_runs), ("training", runs)):  # a section not re-run is kept, with its date
-        old = json.loads(out.read_text()) if out.is_file() else {}
         if not ran and part in old:
             report[part] = old[part] | {"measured": old[part].get("measured", old.get("date"))}
             if part == "generation":

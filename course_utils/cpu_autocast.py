@@ -24,6 +24,9 @@ import types
 
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 FP32_ATTENTION = "sdpa_fp32_on_cpu"  # the name registered with transformers' attention and mask interfaces
 
@@ -43,8 +46,6 @@ def sdpa_fp32_attention(module, query, key, value, attention_mask, **kwargs):
     Shapes as transformers passes them: ``query`` ``[B, heads, T, D]``, ``key``/``value`` ``[B, kv_heads, T, D]``.
     Returns ``(out [B, T, heads, D], None)``; ``out`` stays fp32 (the output projection's autocast casts it).
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if not cpu_bf16_autocast():
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     with torch.autocast("cpu", enabled=False):
@@ -52,9 +53,6 @@ def sdpa_fp32_attention(module, query, key, value, attention_mask, **kwargs):
 
 
 def _register_fp32_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     AttentionInterface.register(FP32_ATTENTION, sdpa_fp32_attention)
     AttentionMaskInterface.register(FP32_ATTENTION, sdpa_mask)  # the same masks as "sdpa"
 

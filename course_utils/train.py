@@ -133,6 +133,7 @@ def build_trainer(
         guard = DivergenceGuard()
     identity = run_identity(preset)  # written into every checkpoint; a mismatching one is never resumed
     callbacks = list(callbacks or []) + ([guard] if guard else []) + [RunIdentityCallback(identity)]
+    cpu_bf16 = args.bf16 and args.use_cpu  # where course_utils.cpu_autocast's levers act
     trainer = CachingDPOTrainer(  # trl.DPOTrainer + an on-disk reference cache (fast_dpo.py)
         model=model,
         ref_model=None,  # LoRA: reference = base weights with the adapter disabled
@@ -147,8 +148,8 @@ def build_trainer(
         # a precomputed reference in bf16/fp16: compute it in the policy's exact shapes (fast_dpo.py)
         fixed_shapes=(args.precompute_ref_log_probs and (args.bf16 or args.fp16)) if fixed_shapes is None
         else fixed_shapes,
-        frozen_bf16=(args.bf16 and args.use_cpu) if frozen_bf16 is None else frozen_bf16,
-        fp32_attention=(args.bf16 and args.use_cpu) if fp32_attention is None else fp32_attention,
+        frozen_bf16=cpu_bf16 if frozen_bf16 is None else frozen_bf16,
+        fp32_attention=cpu_bf16 if fp32_attention is None else fp32_attention,
     )
     if args.fp16:
         upcast_trainable_to_fp32(trainer.model)
