@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -252,6 +253,23 @@ def sampling_dtype(model) -> torch.dtype:
     return param.dtype
 
 
+def _without_patched_forwards(twin):
+    """``twin`` with every instance-level ``forward`` removed, so each module runs its class's own.
+
+    TRL's fused LM head (``trl.trainer.utils.add_fused_lm_head``) and the course's completion head
+    (``fast_dpo.install_completion_head``) replace ``model.forward`` with a function that passes ordinary calls to
+    the forward it replaced, held in a closure. ``copy.deepcopy`` rebinds the method to the copy but copies no
+    closure, so without this a bf16 copy of a trained model dispatched every decoding step to the *original* fp32
+    model (same tokens' distribution, the original's speed). Decoding needs no fused head, so the copy drops it.
+    """
+    for module in twin.modules():
+        patched = module.__dict__.get("forward")
+        if isinstance(patched, types.MethodType) and patched.__func__ is not type(module).forward:
+            del module.forward
+            module.__dict__.pop("_course_completion_head", None)
+    return twin
+
+
 @contextlib.contextmanager
 def sampling_model(model, *, adapter: bool = True, dtype: torch.dtype | str | None = "auto", merge: bool | None = None):
     """The weights to decode ``model`` with, as a context manager.
@@ -275,7 +293,7 @@ def sampling_model(model, *, adapter: bool = True, dtype: torch.dtype | str | No
         with context:
             yield model
         return
-    twin = copy.deepcopy(model)
+    twin = _without_patched_forwards(copy.deepcopy(model))
     if peft and not adapter:
         twin = twin.unload()
     elif peft and merge is not False:

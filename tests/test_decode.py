@@ -181,3 +181,31 @@ def test_a_4bit_model_decodes_itself_on_its_device(tokenizer, prompt_ids):
         assert m is model and any(getattr(x, "disable_adapters", False) for x in m.modules())
     assert len(s.completion_ids) == 4
     assert default_batch_size("cuda") == 32 and default_batch_size("cpu") == 128
+
+
+@pytest.mark.parametrize("course_head", [False, True])
+def test_a_bf16_copy_of_a_trained_model_runs_its_own_weights(tiny, tokenizer, prompt_ids, course_head):
+    """Training patches ``forward`` (TRL's fused LM head, then the course's completion head) with closures that call
+    the original model; the bf16 sampling copy must not dispatch to the fp32 original through them."""
+    from peft import get_peft_model
+    from trl.trainer.utils import add_fused_lm_head
+
+    from course_utils.fast_dpo import install_completion_head
+    from course_utils.models import lora_config
+
+    base = copy.deepcopy(tiny)
+    add_fused_lm_head(base)
+    if course_head:
+        install_completion_head(base)
+    model = get_peft_model(base, lora_config(r=4, alpha=8, dropout=0.0))
+    ids = torch.tensor([prompt_ids[0]])
+    with torch.inference_mode(), sampling_model(model, adapter=True, dtype=torch.bfloat16) as twin:
+        logits = twin(input_ids=ids).logits
+        assert logits.dtype == torch.bfloat16  # the fp32 original would answer in fp32
+        twin.get_output_embeddings().weight.zero_()  # the copy's own head: its logits follow it
+        assert twin(input_ids=ids).logits.abs().max() == 0
+    # the trained model keeps its fused head, and its weights
+    labels = ids.clone()
+    with torch.inference_mode():
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        assert out.log_probs.shape == (1, ids.shape[1] - 1) and model(input_ids=ids).logits.abs().max() > 0
