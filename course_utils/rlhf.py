@@ -296,7 +296,7 @@ def run_rloo(preset: Preset, base, train_prompts, eval_prompts, judge, *, seed: 
     """
     from datasets import Dataset
     from transformers import PrinterCallback
-    from trl import RLOOTrainer
+    from .fast_rloo import rloo_trainer_class
 
     start = time.perf_counter()
     model, tokenizer = copy.deepcopy(base[0]), base[1]  # TRL wraps the model in LoRA in place: never reuse one
@@ -308,7 +308,8 @@ def run_rloo(preset: Preset, base, train_prompts, eval_prompts, judge, *, seed: 
     kwargs = dict(reward_funcs=judge_reward(judge), processing_class=tokenizer,
                   train_dataset=Dataset.from_dict({"prompt": list(train_prompts)}),
                   peft_config=lora_config(preset.lora_r, preset.lora_alpha, preset.lora_dropout))
-    trainer = RLOOTrainer(model=model, args=args, **{**kwargs, **(trainer_kwargs or {})})
+    # TRL's RLOOTrainer, sampling with the course's decoder on a CPU (course_utils/fast_rloo.py)
+    trainer = rloo_trainer_class()(model=model, args=args, **{**kwargs, **(trainer_kwargs or {})})
     trainer.remove_callback(PrinterCallback)
     try:
         trainer.train()
@@ -331,6 +332,7 @@ def run_rloo(preset: Preset, base, train_prompts, eval_prompts, judge, *, seed: 
         "clip_ratio": [h["clip_ratio/region_mean"] for h in updates],  # fraction of sequences clipped, every step
         "completion_lengths": [h.get("completions/mean_length") for h in logs],  # generated tokens per sample
         "train_seconds": train_seconds,
+        "course_sampling_calls": trainer.course_sampling_calls,  # batches sampled by the course's decoder, not generate
         "seconds": time.perf_counter() - start,
         **extra,
     }

@@ -63,3 +63,14 @@ def run_lesson(course_dir):
 def lesson_04(run_lesson):
     """Lesson 4 run once on tiny; lessons 5 and 6 use the adapter it saves."""
     return run_lesson("04")
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny model's matrices are too small to share between threads; one thread is faster (and what the notebook uses)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -11,15 +11,6 @@ from course_utils import rlhf
 SEEDS, LRS = [0, 1], [1e-3, 1e-2]  # the notebook's tiny defaults
 
 
-@pytest.fixture
-def one_thread():
-    """The tiny model's matrices are too small to share between threads; one thread is faster (and what the notebook uses)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --- the notebook ------------------------------------------------------------------------------
 
 
