@@ -8,7 +8,7 @@ of every step (14 of 28 s in a 4-step lesson-7 run on the project's 2-core Intel
 Measured there, interleaved, two rounds of one lesson-7 run (4 steps of 4 x 32 tokens): sampling took 12.4 and
 12.5 s with TRL's ``generate``, 8.0 and 11.0 s here; the run 24.9 / 22.3 s against 17.6 / 23.8 s. A decode step
 at 4 rows is bound by reading the weights, not by arithmetic, so bf16 halves the bytes and little else pays;
-making the bf16 copy costs about 1 s a step.
+making the bf16 copy (copy, merge, cast) costs 0.3 to 1 s a step.
 
 :class:`CourseRLOOTrainer` (built by :func:`rloo_trainer_class`) overrides only
 ``RLOOTrainer._generate_single_turn``, the method that turns prompt token ids into completion token ids, and
