@@ -131,6 +131,7 @@ def decode(
     share_prefill: bool = True,
     sort_by_length: bool = True,
     sampler: str = "inverse_cdf",
+    eos_token_ids: list[int] | None = None,
     desc: str | None = "Sampling",
 ) -> Samples:
     """Sample (or, with ``temperature=0``, greedily decode) ``num_samples`` completions of each prompt.
@@ -143,6 +144,8 @@ def decode(
         sort_by_length: batch prompts in order of length (less padding); rows come back in the input order.
         sampler: ``"inverse_cdf"`` (:func:`draw_tokens`) or ``"multinomial"`` (``generate``'s ``torch.multinomial``,
             seeded from ``seed`` and batch order; kept to measure what the other saves, ``make bench``).
+        eos_token_ids: the tokens that end a completion; None: the generation config's (``generate``'s), else the
+            tokenizer's. A caller that stops on more (TRL's trainers add the tokenizer's) passes its own.
 
     Returns :class:`Samples`, rows prompt-major (row ``i * num_samples + j`` is sample ``j`` of prompt ``i``).
     """
@@ -156,7 +159,7 @@ def decode(
         raise ValueError(f"batch_size, num_samples and max_new_tokens must be >= 1, got {batch_size}, "
                          f"{num_samples}, {max_new_tokens}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else _eos_ids(model, tokenizer)[0]
-    eos = torch.tensor(_eos_ids(model, tokenizer), device=device)
+    eos = torch.tensor(list(eos_token_ids) if eos_token_ids else _eos_ids(model, tokenizer), device=device)
     n_rows = len(prompt_ids) * num_samples
     generator = torch.Generator().manual_seed(seed)
     uniforms = torch.rand((n_rows, max_new_tokens), generator=generator, dtype=torch.float64)

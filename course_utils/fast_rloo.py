@@ -86,10 +86,10 @@ def rloo_trainer_class():
             with sampling_model(model, adapter=True) as sampler:
                 samples = decode(sampler, self._tokenizer, prompts, num_samples=copies,
                                  max_new_tokens=self.max_completion_length, temperature=self.temperature,
-                                 seed=seed, desc=None)
+                                 seed=seed, eos_token_ids=self.eos_token_ids, desc=None)
             self.course_sampling_calls += 1
-            # rows come back prompt-major, the order TRL's repeated prompts were in; each ends with its EOS
-            # token when it finished, as TRL's own completion mask keeps it
+            # rows come back prompt-major, the order TRL's repeated prompts were in; each stops at the first of
+            # TRL's end tokens (the tokenizer's and the generation config's) and keeps it, as TRL's completion mask does
             return samples.completion_ids
 
     return CourseRLOOTrainer

@@ -209,3 +209,13 @@ def test_a_bf16_copy_of_a_trained_model_runs_its_own_weights(tiny, tokenizer, pr
     with torch.inference_mode():
         out = model(input_ids=ids, labels=labels, fused_lm_head=True)
         assert out.log_probs.shape == (1, ids.shape[1] - 1) and model(input_ids=ids).logits.abs().max() > 0
+
+
+def test_a_caller_can_stop_on_more_end_tokens(tiny, tokenizer, prompt_ids):
+    """TRL's trainers end a completion on the tokenizer's end token as well as the generation config's: RLOO's
+    batches from the course's decoder (fast_rloo) pass that set, and a row stops at the first of them, keeping it."""
+    full = decode(tiny, tokenizer, prompt_ids[:1], temperature=0, max_new_tokens=8, desc=None).completion_ids[0]
+    stop = full[2]
+    cut = decode(tiny, tokenizer, prompt_ids[:1], temperature=0, max_new_tokens=8, desc=None,
+                 eos_token_ids=[tokenizer.eos_token_id, stop])
+    assert cut.completion_ids[0] == full[: full.index(stop) + 1] and cut.finished[0]

@@ -41,7 +41,8 @@ def test_a_batch_is_the_decoders_samples_of_the_policy(tiny_preset, tiny_pairs, 
     torch.manual_seed(7)
     seed = int(torch.randint(0, 2**31 - 1, (1,)))
     with sampling_model(trainer.model, adapter=True) as sampler:
-        want = decode(sampler, tok, [prompt], num_samples=4, max_new_tokens=8, seed=seed, desc=None)
+        want = decode(sampler, tok, [prompt], num_samples=4, max_new_tokens=8, seed=seed,
+                      eos_token_ids=trainer.eos_token_ids, desc=None)
     assert got == want.completion_ids and len(got) == 4 and trainer.course_sampling_calls == 1
     assert len(set(map(tuple, got))) > 1  # four different draws of one prompt
     eos = set(trainer.eos_token_ids)
