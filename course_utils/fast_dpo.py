@@ -296,6 +296,9 @@ def _trainer_class():
                 self.args.fp16, self.completion_head, self.ld_alpha, torch.__version__, trl.__version__,
                 self.fixed_length, cpu_path_key() if self.args.use_cpu else None,
                 *(["fp32_attention"] if self.fp32_attention and self.args.bf16 else []),  # new key only where it acts
+                # on a CPU the thread count changes how products and reductions are split, so the rounding: SmolLM2's
+                # sequence log-probs under bf16 autocast differed by up to 0.96 nats between 1 and 2 threads
+                *([f"threads={torch.get_num_threads()}"] if self.args.use_cpu else []),
             ]).encode()).hexdigest()[:24]
             path = reference_cache_dir() / f"{key}.safetensors"
             if path.is_file():

@@ -124,6 +124,14 @@ def test_reference_cache_key_follows_the_weights_and_rows(tiny_pairs, tiny_prese
                           output_dir=tmp_path / "moved", guard=False, report_to=[], save_strategy="no")
     assert moved.reference_cache_hits == []
     assert moved.train_dataset["ref_chosen_logps"] != base.train_dataset["ref_chosen_logps"]
+    # another CPU thread count rounds differently: its step 1 would not reproduce this cache exactly
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert _trainer(tiny_preset, pairs, tmp_path).reference_cache_hits == []
+    finally:
+        torch.set_num_threads(threads)
+    assert _trainer(tiny_preset, pairs, tmp_path).reference_cache_hits == ["train"]
 
 
 def test_reference_hash_ignores_lora_but_not_base_weights():
