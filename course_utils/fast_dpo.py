@@ -35,7 +35,8 @@ found more, now in the trainer too:
    of the step. 5. **Frozen weights cast to bf16 once** per ``train()``
    (:class:`course_utils.cpu_autocast.FrozenBf16Weights`, bit-identical). 6. **The head's
    backward in one pass** (``_TokenLogProbs``: ``∂ log p_y/∂z = onehot(y) - p``).
-   With them the preset ran 2.76-2.82x TRL's defaults on that machine (``make bench``, two runs).
+   With them the preset ran 2.73-3.44x TRL's defaults on that machine, about 2.8x typical (``make bench``,
+   the medians of five runs on 2026-12-05).
 """
 
 from __future__ import annotations

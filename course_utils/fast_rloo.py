@@ -30,6 +30,8 @@ trainer seeds from ``args.seed``: a run is reproducible, and every step draws fr
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -67,9 +69,10 @@ def _groups(prompt_ids: list[list[int]]) -> tuple[list[list[int]], int]:
     return [list(ids) for ids in prompt_ids], 1
 
 
+@functools.cache
 def rloo_trainer_class():
     """``CourseRLOOTrainer``: TRL's ``RLOOTrainer`` sampling with the course's decoder where it applies
-    (:func:`course_sampling_applies`). Built on first use so importing this module does not import TRL."""
+    (:func:`course_sampling_applies`). Built once, on first use, so importing this module does not import TRL."""
     from trl import RLOOTrainer
 
     from .decode import decode, sampling_model
