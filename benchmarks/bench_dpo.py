@@ -81,6 +81,8 @@ CONFIGS = {
                                   {"frozen_bf16": False}),
     "course_cpu_bf16_attention": ("course cpu preset, attention in bf16 (autocast's choice) instead of fp32",
                                   {"fp32_attention": False}),
+    "course_cpu_peft_lora": ("course cpu preset, PEFT's LoRA linears and fp32 norm outputs instead of the fused bf16 ones",
+                             {"fused_lora": False}),
     "course_cpu_dynamic_shapes": ("course cpu preset, batches padded to their own length (reference shapes differ)",
                                   {"fixed_shapes": False}),
     "trl_default_fp32": ("TRL DPOConfig defaults + LoRA r=8, fp32", {"trl": {"bf16": False}}),
@@ -155,6 +157,7 @@ def run_child(name: str, data_path: str, steps: int, result_path: str) -> None:
                                 output_dir=out_dir, callbacks=[timer], guard=False,
                                 completion_head=change.get("completion_head"), fixed_shapes=change.get("fixed_shapes"),
                                 frozen_bf16=change.get("frozen_bf16"), fp32_attention=change.get("fp32_attention"),
+                                fused_lora=change.get("fused_lora"),
                                 **recipe, **common)
         scores_all_positions = not trainer.model.get_base_model().__dict__.get("_course_completion_head", False)
         reference_in_step = not preset.precompute_ref_log_probs

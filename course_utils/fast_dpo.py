@@ -235,11 +235,12 @@ def _trainer_class():
         """
 
         def __init__(self, *args, completion_head: bool = False, fixed_shapes: bool = False,
-                     frozen_bf16: bool = False, fp32_attention: bool = False, **kwargs):
+                     frozen_bf16: bool = False, fp32_attention: bool = False, fused_lora: bool = False, **kwargs):
             self.completion_head = completion_head
             self.fixed_shapes = fixed_shapes
             # cpu_autocast.py's levers, entered around the reference pass and around training
             self.frozen_bf16, self.fp32_attention = frozen_bf16, fp32_attention
+            self.fused_lora = fused_lora  # fused_lora.py's LoRA linears, entered with them
             self.fixed_length = None  # the one padded length of every batch, once fixed
             self.reference_cache_hits = []  # names of the datasets whose reference came from disk
             super().__init__(*args, **kwargs)
@@ -250,12 +251,15 @@ def _trainer_class():
             """The :mod:`course_utils.cpu_autocast` context managers training runs under (enter it to score as
             training does, e.g. ``precision.reference_agreement``)."""
             from .cpu_autocast import Fp32Attention, FrozenBf16Weights
+            from .fused_lora import Bf16LoraLinears
 
             stack = contextlib.ExitStack()
             if self.fp32_attention:
                 stack.enter_context(Fp32Attention(self.model))
             if self.frozen_bf16:
                 stack.enter_context(FrozenBf16Weights(self.model))
+            if self.fused_lora:  # after FrozenBf16Weights: it reuses those bf16 copies
+                stack.enter_context(Bf16LoraLinears(self.model))
             return stack
 
         def train(self, *args, **kwargs):

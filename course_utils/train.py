@@ -91,6 +91,7 @@ def build_trainer(
     fixed_shapes: bool | None = None,
     frozen_bf16: bool | None = None,
     fp32_attention: bool | None = None,
+    fused_lora: bool | None = None,
     **config_overrides,
 ):
     """A ready-to-train ``trl.DPOTrainer`` with LoRA (QLoRA when the model is 4-bit).
@@ -112,7 +113,9 @@ def build_trainer(
     and under bf16/fp16 every batch has one shape, so the step-1 policy reproduces that reference exactly
     (``fixed_shapes``, default: exactly then). Under CPU bf16 autocast, attention runs in fp32 (``fp32_attention``:
     torch's bf16 attention backward is slow on CPU) and frozen weights are cast to bf16 once, not in every forward
-    (``frozen_bf16``, bit-identical); both default to on exactly then (:mod:`course_utils.cpu_autocast`).
+    (``frozen_bf16``, bit-identical); both default to on exactly then (:mod:`course_utils.cpu_autocast`). So does
+    ``fused_lora``: each LoRA linear runs as one bf16 function and the decoder norms hand it bf16, fewer fp32 round
+    trips (:mod:`course_utils.fused_lora`).
     """
     from .fast_dpo import CachingDPOTrainer
 
@@ -150,6 +153,7 @@ def build_trainer(
         else fixed_shapes,
         frozen_bf16=cpu_bf16 if frozen_bf16 is None else frozen_bf16,
         fp32_attention=cpu_bf16 if fp32_attention is None else fp32_attention,
+        fused_lora=cpu_bf16 if fused_lora is None else fused_lora,
     )
     if args.fp16:
         upcast_trainable_to_fp32(trainer.model)
