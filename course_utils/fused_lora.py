@@ -14,13 +14,15 @@ with AMX (``docs/performance.md``) found them costing more than their FLOPs:
 :class:`Bf16LoraLinears` (a context manager, like :mod:`course_utils.cpu_autocast`'s levers) does two things under
 CPU bf16 autocast only:
 
-1. **The decoder's norm outputs are cast to bf16 once**, where they enter the projections (a forward hook on
-   ``input_layernorm`` and ``post_attention_layernorm``). Autocast would round them the same way in each
-   projection, so the forward is bit-identical; in the backward, the gradients of ``q, k, v`` (or ``gate, up``)
-   meet in bf16 before the cast to fp32, one more bf16 rounding.
+1. **The decoder's norms hand the projections bf16, once** (``input_layernorm``, ``post_attention_layernorm``):
+   :class:`RMSNormToBf16` computes the RMSNorm (Zhang & Sennrich, 2019) in fp32 with the same operations as
+   transformers' ``LlamaRMSNorm`` and stores the product straight into bf16, which is how autocast would round it
+   in each projection: the forward is bit-identical. Its backward is written out in fewer passes (measured 2.6 →
+   1.3 ms forward + backward at ``[8, 112, 576]``), and the gradients of ``q, k, v`` (or ``gate, up``) meet in bf16
+   before it, one more bf16 rounding. Norms of another formula only get their output cast (a forward hook).
 2. **Each LoRA linear is one autograd function**, :class:`LoraLinearBf16`: the input cast to bf16 once, the base
-   product, and ``addmm(base, x A^T, (s B)^T)``: the expansion, the scale and the sum in one product with fp32
-   accumulation, rounded once to bf16 (PEFT rounds three times). At ``B = 0`` (step 1) it returns the base product
+   product, and ``base.addmm_(x A^T, (s B)^T)``: the expansion, the scale and the sum in one product with fp32
+   accumulation, in place, rounded once to bf16 (PEFT rounds three times). At ``B = 0`` (step 1) it returns the base product
    bit for bit, so the step-1 policy still reproduces the cached reference. Its backward is written out:
    ``∂x = g W + (g (sB)) A``, ``∂A = (g (sB))^T x``, ``∂B = s g^T (x A^T)``.
 
@@ -38,6 +40,30 @@ import torch.nn.functional as F
 from .cpu_autocast import cpu_bf16_autocast
 
 NORMS_INTO_PROJECTIONS = ("input_layernorm", "post_attention_layernorm")  # Llama/Mistral/Qwen2 decoder layers
+# norms whose forward is exactly ``weight * (x * rsqrt(mean(x²) + eps))`` in fp32 (transformers' LlamaRMSNorm code)
+LLAMA_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+
+
+class RMSNormToBf16(torch.autograd.Function):
+    """RMSNorm ``y = w ⊙ x / sqrt(mean(x²) + eps)`` of fp32 ``x`` ``[..., H]`` with a frozen ``w`` ``[H]``, returned
+    in bf16 (module docstring, 1). Backward, with ``x̂ = x r``, ``r = (mean(x²) + eps)^-1/2`` and ``g = w ⊙ ∂y``:
+    ``∂x = r (g - x̂ mean(g ⊙ x̂))``, three passes where autograd makes about ten."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1], as LlamaRMSNorm computes it
+        x_hat = x * r
+        y = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
+        torch.mul(weight, x_hat, out=y)  # computed in fp32, rounded once on the store
+        ctx.save_for_backward(x_hat, r, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_hat, r, weight = ctx.saved_tensors
+        g = grad * weight  # fp32 [..., H]
+        mean = torch.linalg.vecdot(g, x_hat).unsqueeze(-1) / x_hat.shape[-1]  # [..., 1]
+        return torch.addcmul(g, x_hat, mean, value=-1).mul_(r), None, None
 
 
 class LoraLinearBf16(torch.autograd.Function):
@@ -57,7 +83,7 @@ class LoraLinearBf16(torch.autograd.Function):
         base = F.linear(xb, weight, bias)  # exactly the product FrozenBf16Weights / autocast computes
         x2 = xb.reshape(-1, xb.shape[-1])  # [N, in]
         xa = x2 @ a.t()  # [N, r]
-        y = torch.addmm(base.reshape(-1, base.shape[-1]), xa, sb.t())  # base + s (x A^T) B^T, one rounding
+        y = base.reshape(-1, base.shape[-1]).addmm_(xa, sb.t())  # base + s (x A^T) B^T, one rounding, in place
         ctx.save_for_backward(x2, xa, weight, a, sb)
         ctx.scaling, ctx.x_dtype, ctx.x_shape = scaling, x.dtype, x.shape
         return y.view(*base.shape)
@@ -69,11 +95,11 @@ class LoraLinearBf16(torch.autograd.Function):
         gb = g @ sb  # [N, r]: the gradient at x A^T
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.addmm(g @ weight, gb, a).to(ctx.x_dtype).view(ctx.x_shape)  # g W + g (sB) A
+            grad_x = (g @ weight).addmm_(gb, a).to(ctx.x_dtype).view(ctx.x_shape)  # g W + g (sB) A
         if ctx.needs_input_grad[3]:
             grad_a = (gb.t() @ x2).float()  # [r, in]
         if ctx.needs_input_grad[4]:
-            grad_b = (g.t() @ xa).float() * ctx.scaling  # [out, r]
+            grad_b = (xa.t() @ g).t().float() * ctx.scaling  # [out, r]; g^T xa, 20% faster with g untransposed
         return grad_x, None, None, grad_a, grad_b, None
 
 
@@ -112,6 +138,13 @@ def _bf16_output(module, inputs, output):
     return output.to(torch.bfloat16) if cpu_bf16_autocast() and output.dtype == torch.float32 else None
 
 
+def _norm_to_bf16(self, x):
+    if cpu_bf16_autocast() and x.dtype == torch.float32 and not self.weight.requires_grad:
+        return RMSNormToBf16.apply(x, self.weight, self.variance_epsilon)
+    out = self._course_norm_forward(x)
+    return _bf16_output(self, (x,), out) if cpu_bf16_autocast() and out.dtype == torch.float32 else out
+
+
 class Bf16LoraLinears:
     """Context manager: under CPU bf16 autocast, ``model``'s LoRA linears run as :class:`LoraLinearBf16` and its
     decoder norms hand the projections bf16 (module docstring). Undone on exit; nothing changes elsewhere.
@@ -121,7 +154,7 @@ class Bf16LoraLinears:
     """
 
     def __init__(self, model):
-        self.model, self.layers, self.hooks = model, [], []
+        self.model, self.layers, self.norm_modules, self.hooks = model, [], [], []
 
     def __enter__(self):
         from peft.tuners.lora import Linear as LoraLinear
@@ -131,18 +164,25 @@ class Bf16LoraLinears:
                 module._course_peft_forward = module.forward  # PEFT's bound forward, for every other case
                 module.forward = types.MethodType(_fused_forward, module)
                 self.layers.append(module)
-            elif name.rsplit(".", 1)[-1] in NORMS_INTO_PROJECTIONS:
-                self.hooks.append(module.register_forward_hook(_bf16_output))
+            elif name.rsplit(".", 1)[-1] in NORMS_INTO_PROJECTIONS and "forward" not in module.__dict__:
+                if type(module).__name__ in LLAMA_RMS_NORMS and hasattr(module, "variance_epsilon"):
+                    module._course_norm_forward = module.forward
+                    module.forward = types.MethodType(_norm_to_bf16, module)
+                    self.norm_modules.append(module)
+                else:  # another formula: keep it, cast its output once
+                    self.hooks.append(module.register_forward_hook(_bf16_output))
         return self
 
     @property
     def norms(self) -> int:
-        return len(self.hooks)
+        return len(self.norm_modules) + len(self.hooks)
 
     def __exit__(self, *exc):
         for module in self.layers:
             del module.forward, module._course_peft_forward  # back to PEFT's class forward
+        for module in self.norm_modules:
+            del module.forward, module._course_norm_forward
         for hook in self.hooks:
             hook.remove()
-        self.layers, self.hooks = [], []
+        self.layers, self.norm_modules, self.hooks = [], [], []
         return False

@@ -279,3 +279,40 @@ def test_fp32_attention_is_closer_to_fp32_than_autocasts_bf16_attention():
         model.model.embed_tokens.weight.requires_grad_(True)
         model(input_ids=ids, attention_mask=mask).logits.float().logsumexp(-1).mean().backward()
     assert model.model.embed_tokens.weight.grad.abs().sum() > 0
+
+
+def test_fp32_attention_passes_grouped_kv_heads_to_sdpa_unrepeated(monkeypatch):
+    """Under Fp32Attention the CPU's SDPA gets the 2 kv heads of the tiny model with ``enable_gqa`` even with a padding
+    mask (transformers would repeat them), with the same outputs and gradients as the repeated heads."""
+    import torch.nn.functional as F
+
+    from course_utils import cpu_autocast
+    from course_utils.cpu_autocast import Fp32Attention
+
+    model, _ = load_model("tiny", seed=0)
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    ids = torch.randint(0, 1000, (4, 33), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 25:] = 0
+    seen, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append((q.shape[1], k.shape[1], kw.get("enable_gqa"))) or sdpa(q, k, v, **kw))
+    results = {}
+    for grouped in (True, False):
+        if not grouped:  # transformers' own choice: repeat the kv heads when there is a mask
+            monkeypatch.setattr(cpu_autocast, "_use_gqa_in_sdpa", cpu_autocast._transformers_use_gqa_in_sdpa)
+        model.zero_grad()
+        with Fp32Attention(model), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        logits.logsumexp(-1).mean().backward()
+        results[grouped] = logits.detach(), model.model.layers[0].self_attn.k_proj.weight.grad
+    heads, kv = model.config.num_attention_heads, model.config.num_key_value_heads
+    layers = model.config.num_hidden_layers
+    assert seen == [(heads, kv, True)] * layers + [(heads, heads, None)] * layers
+    keep = mask.bool()
+    assert torch.equal(results[True][0][keep], results[False][0][keep])
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=1e-5, atol=1e-6)
+    monkeypatch.undo()
+    with Fp32Attention(model):  # registering again restores the course's choice
+        pass
+    assert cpu_autocast._sdpa_module.use_gqa_in_sdpa is cpu_autocast._use_gqa_in_sdpa

@@ -10,7 +10,7 @@ import torch
 from peft import get_peft_model
 
 from course_utils.cpu_autocast import FrozenBf16Weights
-from course_utils.fused_lora import Bf16LoraLinears, LoraLinearBf16
+from course_utils.fused_lora import Bf16LoraLinears, LoraLinearBf16, RMSNormToBf16
 from course_utils.models import load_model, lora_config
 from course_utils.train import build_trainer
 
@@ -125,3 +125,25 @@ def test_trainer_with_fused_lora_learns_as_peft_does(tiny_pairs, tiny_preset, tm
                 assert torch.equal(p, base[name.replace("base_model.model.", "").replace(".base_layer", "")])
     assert runs[True][0] == runs[False][0] == pytest.approx(math.log(2), abs=1e-6)
     assert runs[True][1:] == pytest.approx(runs[False][1:], abs=0.02)
+
+
+def test_rms_norm_to_bf16_is_llamas_norm_rounded_once():
+    """Forward: bit for bit transformers' LlamaRMSNorm followed by autocast's cast to bf16. Backward: as close to the
+    fp64 gradient as autograd's through LlamaRMSNorm."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(64, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.2)
+    norm.weight.requires_grad_(False)
+    x = (torch.randn(3, 17, 64, generator=torch.Generator().manual_seed(0)) * 3).requires_grad_()
+    grad = torch.randn(3, 17, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    ours = RMSNormToBf16.apply(x, norm.weight, norm.variance_epsilon)
+    (ours_grad,) = torch.autograd.grad(ours, x, grad)
+    theirs = norm(x).to(torch.bfloat16)
+    (their_grad,) = torch.autograd.grad(theirs, x, grad)
+    assert ours.dtype == torch.bfloat16 and torch.equal(ours, theirs)
+    x64 = x.detach().double().requires_grad_()
+    y64 = norm.weight.double() * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)
+    (exact,) = torch.autograd.grad(y64, x64, grad.double())
+    assert _error(ours_grad.double(), exact) <= 2 * _error(their_grad.double(), exact) + 1e-9 < 1e-6
