@@ -316,3 +316,24 @@ def test_fp32_attention_passes_grouped_kv_heads_to_sdpa_unrepeated(monkeypatch):
     with Fp32Attention(model):  # registering again restores the course's choice
         pass
     assert cpu_autocast._sdpa_module.use_gqa_in_sdpa is cpu_autocast._use_gqa_in_sdpa
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_completion_head_blocks_change_no_bit(dtype, monkeypatch):
+    """The head's CPU blocks of rows give exactly what one block of all rows gives: log-probs, metrics, gradient."""
+    from course_utils.fast_dpo import _TokenLogProbs
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(37, 3000, generator=g) * 4).to(dtype)  # 37 rows: the last block is short
+    targets = torch.randint(0, 3000, (37,), generator=g)
+    upstream = torch.randn(37, generator=g)
+    results = []
+    for rows in (8, 37):
+        monkeypatch.setattr(_TokenLogProbs, "CPU_ROWS", rows)
+        z = logits.clone().requires_grad_()
+        outputs = _TokenLogProbs.apply(z, targets)
+        outputs[0].backward(upstream)
+        results.append([o.detach() for o in outputs] + [z.grad])
+    assert len(_TokenLogProbs._blocks(logits)) == 1
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+    assert results[0][-1].dtype == dtype
