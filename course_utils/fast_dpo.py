@@ -38,13 +38,14 @@ found more, now in the trainer too:
    With them the preset ran 2.73-3.44x TRL's defaults on that machine, about 2.8x typical (``make bench``,
    the medians of five runs on 2026-12-05).
 
-A second profile on the same machine found the rest of the step in small fp32/bf16 passes, and three more levers:
+A second profile on the same machine found the rest of the step in small fp32/bf16 passes, and four more levers:
 
-7. **Fewer fp32 round trips** (:mod:`course_utils.fused_lora`): each LoRA linear as one bf16 autograd function,
-   the decoder norms storing bf16 once for the projections they feed. 8. **The head over blocks of 8 rows** that
-   stay in cache (``_TokenLogProbs.CPU_ROWS``, bit-identical, 2.4x faster for the head). 9. **Grouped kv heads
-   unrepeated** in the CPU's SDPA (:func:`course_utils.cpu_autocast._use_gqa_in_sdpa`, identical outputs).
-   Measured in docs/performance.md ("Fewer fp32 round trips").
+7. **Each LoRA linear as one bf16 autograd function** and 8. **the decoder norms storing bf16 once** for the
+   projections they feed (:mod:`course_utils.fused_lora`: fewer fp32 round trips). 9. **The head over blocks of
+   8 rows** that stay in cache (``_TokenLogProbs.CPU_ROWS``, bit-identical, 2.4x faster for the head). 10. **Grouped
+   kv heads unrepeated** in the CPU's SDPA (:func:`course_utils.cpu_autocast._use_gqa_in_sdpa`, identical outputs).
+   With them ``make bench`` measured 3.33x and 3.64x TRL's defaults on that machine, every round above 3
+   (docs/performance.md, "Fewer fp32 round trips").
 """
 
 from __future__ import annotations
