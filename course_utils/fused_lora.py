@@ -134,15 +134,19 @@ def _fused_forward(self, x, *args, **kwargs):
         return LoraLinearBf16.apply(x, weight, bias, lora_a.weight, lora_b.weight, scaling)
 
 
-def _bf16_output(module, inputs, output):
-    return output.to(torch.bfloat16) if cpu_bf16_autocast() and output.dtype == torch.float32 else None
+def _bf16(output):
+    """``output`` in bf16 under CPU bf16 autocast (as each projection's autocast would cast it), else as it is."""
+    return output.to(torch.bfloat16) if cpu_bf16_autocast() and output.dtype == torch.float32 else output
+
+
+def _bf16_output(module, inputs, output):  # forward hook on a norm of another formula
+    return _bf16(output)
 
 
 def _norm_to_bf16(self, x):
     if cpu_bf16_autocast() and x.dtype == torch.float32 and not self.weight.requires_grad:
         return RMSNormToBf16.apply(x, self.weight, self.variance_epsilon)
-    out = self._course_norm_forward(x)
-    return _bf16_output(self, (x,), out) if cpu_bf16_autocast() and out.dtype == torch.float32 else out
+    return _bf16(self._course_norm_forward(x))
 
 
 class Bf16LoraLinears:
